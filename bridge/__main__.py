@@ -1,0 +1,74 @@
+"""Command line: ``python -m bridge [serve|check|call]`` (serve is the default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+USAGE = """usage: python -m bridge [serve|check|call] [options]
+  serve   run the bridge server (default)
+  check   validate the configuration and print it (secrets masked)
+  call    place an outbound call: call [--to NUMBER] [--from NUMBER]"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args and not args[0].startswith("-") else "serve"
+    if command in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if command == "call":
+        from bridge.dial import main as dial
+
+        return dial(args)
+    if command not in ("serve", "check"):
+        print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return _serve(check_only=command == "check")
+
+
+def _serve(*, check_only: bool) -> int:
+    import trio
+
+    from bridge.config import from_env, load_environment
+    from bridge.errors import ConfigError
+    from bridge.observe import setup_logging
+    from bridge.server import serve
+    from bridge.web import create_app, default_collaborators
+
+    try:
+        settings = from_env(load_environment(os.environ))
+        collaborators = default_collaborators(settings)
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    log = logging.getLogger("bridge")
+    for warning in settings.warnings:
+        log.warning(warning)
+    if check_only:
+        print("Configuration OK:")
+        print("\n".join(settings.describe()))
+        return 0
+    app = create_app(settings, collaborators)
+
+    async def run() -> int:
+        async with trio.open_nursery() as nursery:
+            exit_code = 0
+
+            async def serving(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                nonlocal exit_code
+                exit_code = await serve(app, settings, task_status=task_status)
+
+            await nursery.start(serving)
+            print(f"Server running on http://localhost:{settings.port}", flush=True)
+            print("\n".join(settings.describe()), flush=True)
+        return exit_code
+
+    return trio.run(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

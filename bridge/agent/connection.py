@@ -1,0 +1,128 @@
+"""The upstream WebSocket to the Voice Agent API (trio-websocket), behind the message-socket
+interface the call session uses: ``receive() -> str | bytes | None``, ``send(str)``, ``aclose()``.
+
+We open the TCP (and TLS) stream ourselves and close it ourselves: once the peer has started the
+close handshake, trio-websocket's ``aclose()`` can return without closing the TCP stream
+(../shared/PITFALLS.md), which would leave an upstream socket open after the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from bridge.errors import UpstreamError
+
+log = logging.getLogger("bridge.agent")
+
+# trio-websocket's reader parks after this many unread messages and then stops answering pings
+# and close frames; our reader always drains it, so a few messages of slack are enough.
+_MESSAGE_QUEUE = 16
+_CLOSE_TIMEOUT_S = 0.5  # polite close handshake; the TCP stream is closed regardless afterwards
+
+
+class SocketClosed(Exception):
+    """Sending on a socket whose peer has gone. Internal to the I/O shell."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEndpoint:
+    """Where and how to reach the Voice Agent API."""
+
+    url: str
+    api_key: str
+    max_message_bytes: int = 1024 * 1024
+    ssl_context: ssl.SSLContext | None = None
+
+
+class AgentSocket:
+    """One open upstream WebSocket. Owned by the call session's agent leg."""
+
+    __slots__ = ("_stream", "_ws", "close_code", "close_reason")
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream) -> None:
+        self._ws = ws
+        self._stream = stream
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+
+    async def receive(self) -> str | bytes | None:
+        """Next message, or ``None`` once the connection is closed (code in ``close_code``)."""
+        try:
+            return await self._ws.get_message()
+        except ConnectionClosed as exc:
+            self.close_code = exc.reason.code
+            self.close_reason = exc.reason.reason
+            return None
+
+    async def send(self, text: str) -> None:
+        """Send one text message. Raises :class:`SocketClosed` if the connection is gone."""
+        try:
+            await self._ws.send_message(text)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise SocketClosed(str(exc)) from exc
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Close politely (bounded), then close the TCP stream. Safe to call twice.
+
+        On cancellation the TCP stream is still closed (``aclose`` of a Trio stream is
+        cancellation-safe: it closes before it checkpoints).
+        """
+        try:
+            with trio.move_on_after(_CLOSE_TIMEOUT_S):
+                await self._ws.aclose(code)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            pass
+        finally:
+            await trio.aclose_forcefully(self._stream)
+
+    def describe_close(self) -> str:
+        if self.close_code is None:
+            return "connection lost"
+        return f"close {self.close_code}" + (f" {self.close_reason}" if self.close_reason else "")
+
+
+async def open_agent_socket(nursery: trio.Nursery, endpoint: AgentEndpoint) -> AgentSocket:
+    """Open the upstream WebSocket with ``Authorization: Bearer <key>``.
+
+    ``nursery`` hosts trio-websocket's reader task; a rejected handshake is raised *there* (as
+    ``trio_websocket.ConnectionRejected``), so give this a nursery of the agent leg's own, never
+    the call's. Has no deadline of its own: the caller owns the deadline. On cancellation or
+    failure, the TCP stream is closed. Raises :class:`UpstreamError` for connect failures.
+    """
+    parts = urlsplit(endpoint.url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        if secure:
+            stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=endpoint.ssl_context or ssl.create_default_context(),
+                https_compatible=True,
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise UpstreamError("connect_failed", f"cannot reach {host}:{port}: {exc}", retryable=True) from exc
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    try:
+        ws = await trio_websocket.wrap_client_stream(
+            nursery,
+            stream,  # type: ignore[arg-type]
+            host_header,
+            resource,
+            extra_headers=[(b"Authorization", f"Bearer {endpoint.api_key}".encode())],
+            message_queue_size=_MESSAGE_QUEUE,
+            max_message_size=endpoint.max_message_bytes,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return AgentSocket(ws, stream)

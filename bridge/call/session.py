@@ -1,0 +1,506 @@
+"""One phone call: a Trio nursery around the pure CallState.
+
+Tasks (each socket has one reader and one writer; nothing else touches a socket)::
+
+    phone_rx  -> CallState.on_phone  -> [agent_out] -> agent_tx  -> Voice Agent
+    phone_tx  <- [phone_out] <- CallState.on_agent <- agent_rx  <- Voice Agent
+    ticker (deadlines), tool / hang-up / transfer tasks, outbound silence (until the agent speaks)
+
+The agent leg (connect, ``session.update``, agent_rx, agent_tx) runs in a nursery of its own
+inside the call's, so a failed upstream handshake is an outcome of the leg, not a crash of the
+call. Teardown: the state returns ``EndCall`` once; ``run`` then sends ``session.end`` upstream
+and waits (bounded) for ``session.ended``/close, cancels every task, and closes both sockets
+under a shielded deadline. Nothing of the call outlives ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import trio
+import trio_websocket
+
+from bridge.agent import events as ag
+from bridge.agent.connection import SocketClosed
+from bridge.call import state as st
+from bridge.call.context import CallContext
+from bridge.errors import BridgeError, UpstreamError
+from bridge.observe import CallTags, Metrics, call_tags
+from bridge.phone import media as tw
+from bridge.phone import twiml
+
+log = logging.getLogger("bridge.call")
+
+# Caller audio waiting for the upstream writer: 50 frames = 1 s at 20 ms. When full, new caller
+# audio is dropped (and counted): stale audio delays every later turn. Control waits.
+AGENT_OUT_FRAMES = 50
+# Agent audio and control waiting for the Twilio writer: 1024 chunks ~ 38 s of agent speech at
+# 37.5 ms. The agent reader never waits on Twilio; if this fills, Twilio has stopped reading and
+# the call is ended as stuck (agent audio is never dropped).
+PHONE_OUT_FRAMES = 1024
+SEND_DEADLINE_S = 5.0  # a peer that takes longer than this to accept one frame is stuck
+GOODBYE_S = 0.75  # session.end -> session.ended; keeps the whole teardown under one second
+CLOSE_S = 0.25  # closing each socket, shielded
+TICK_S = 0.1
+REST_DEADLINE_S = 10.0
+SILENCE_FRAME_MS = 20
+
+
+class MessageSocket(Protocol):
+    """A WebSocket as the session sees it (real sockets and in-memory fakes alike)."""
+
+    async def receive(self) -> str | bytes | None:
+        """Next message; ``None`` once the socket is closed."""
+
+    async def send(self, text: str) -> None:
+        """Send one text message; raises ``SocketClosed`` when the peer is gone."""
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Close; idempotent."""
+
+
+AgentConnector = Callable[[trio.Nursery], Awaitable[MessageSocket]]
+
+
+class ToolRunner(Protocol):
+    async def run(
+        self, name: str, arguments: dict[str, Any], context: CallContext, *, timeout_s: float
+    ) -> tuple[str, bool]: ...
+
+    def get(self, name: str) -> object | None: ...
+
+
+class CallControl(Protocol):
+    """Twilio REST operations a call may need (hang up after a goodbye, transfer)."""
+
+    async def hang_up(self, call_sid: str) -> None: ...
+
+    async def update_twiml(self, call_sid: str, twiml: str) -> None: ...
+
+
+@dataclass
+class CallSetup:
+    """Everything a call needs besides its sockets; built per call by the web layer."""
+
+    call_id: str
+    direction: Literal["inbound", "outbound"]
+    policy: st.CallPolicy
+    session_config: Callable[[CallContext], Awaitable[ag.SessionConfig]]
+    expected_call_sid: str | None = None
+    tools: ToolRunner | None = None
+    tool_timeout_s: float = 30.0
+    control: CallControl | None = None
+    metrics: Metrics | None = None
+    transfer_announcement: str | None = "Please hold while I transfer your call."
+
+
+@dataclass
+class CallSummary:
+    call_id: str
+    call_sid: str
+    outcome: st.Outcome
+    reason: str
+    duration_s: float
+    stats: st.CallStats = field(repr=False)
+
+
+class CallSession:
+    """Runs one call from the accepted Media Streams socket to the end of both legs."""
+
+    def __init__(
+        self,
+        setup: CallSetup,
+        phone: MessageSocket,
+        connect_agent: AgentConnector,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.setup = setup
+        self.state = st.CallState(setup.policy, expected_call_sid=setup.expected_call_sid)
+        self._phone = phone
+        self._connect_agent = connect_agent
+        self._clock = clock
+        self._agent: MessageSocket | None = None
+        self._session_end_sent = False
+        self._end_action: st.EndCall | None = None
+        self._ended = trio.Event()
+        self._upstream_gone = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._tags = CallTags(setup.call_id)
+        self._speech_stopped_at: float | None = None
+        self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[str](AGENT_OUT_FRAMES)
+        self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](
+            PHONE_OUT_FRAMES
+        )
+
+    @property
+    def stats(self) -> st.CallStats:
+        return self.state.stats
+
+    def request_end(self, reason: str, outcome: st.Outcome = st.Outcome.SERVER_SHUTDOWN) -> None:
+        """End the call cleanly from outside (e.g. server drain). Safe from any task."""
+        self._apply(self.state.end_now(reason, outcome))
+
+    async def run(self) -> CallSummary:
+        """Run the call to its end. Cancellation closes both sockets (bounded) and re-raises."""
+        call_tags.set(self._tags)
+        started = self._clock()
+        metrics = self.setup.metrics
+        if metrics:
+            metrics.active_calls.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._phone_rx)
+                nursery.start_soon(self._phone_tx)
+                nursery.start_soon(self._ticker)
+                await self._ended.wait()
+                await self._goodbye()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_sockets()
+            if metrics:
+                metrics.active_calls.dec()
+        return self._summarise(started)
+
+    # --- the Twilio leg ---------------------------------------------------------------------
+
+    async def _phone_rx(self) -> None:
+        state, phone, clock, parse, apply = self.state, self._phone, self._clock, tw.parse, self._apply
+        while True:
+            frame = await phone.receive()
+            if frame is None:
+                apply(state.on_phone_closed(clock()))
+                return
+            apply(state.on_phone(parse(frame), clock()))
+
+    async def _phone_tx(self) -> None:
+        state, phone = self.state, self._phone
+        async with self._phone_out_recv:
+            async for text, epoch in self._phone_out_recv:
+                if epoch is not None and epoch != state.epoch:
+                    continue  # agent audio queued before a clear: never play it
+                try:
+                    with trio.fail_after(SEND_DEADLINE_S):
+                        await phone.send(text)
+                except trio.TooSlowError:
+                    self._stuck("Twilio did not accept audio for 5 s")
+                    return
+                except SocketClosed:
+                    return
+
+    # --- the agent leg ----------------------------------------------------------------------
+
+    async def _agent_leg(self, resume_session_id: str | None) -> None:
+        try:
+            config = await self.setup.session_config(self._context())
+        except BridgeError as exc:
+            self._apply(self.state.on_agent_connect_failed(self._clock(), str(exc)))
+            return
+        first_message = ag.session_update(config)
+        backoff_s = 0.25
+        metrics = self.setup.metrics
+        while not self.state.ending:
+            retry_reason: str | None = None
+            failure: BaseException | None = None
+            try:
+                async with trio.open_nursery() as ws_nursery:
+                    sock = await self._connect_agent(ws_nursery)
+                    self._agent = sock
+                    if metrics:
+                        metrics.upstream_connects.labels("ok").inc()
+                    await sock.send(first_message)
+                    ws_nursery.start_soon(self._agent_tx, sock)
+                    retry_reason = await self._agent_rx(sock)
+                    ws_nursery.cancel_scope.cancel()
+            except* _CONNECT_ERRORS as group:
+                failure = group.exceptions[0]
+            if failure is not None:
+                if metrics:
+                    metrics.upstream_connects.labels("failed").inc()
+                detail = _describe_connect_error(failure)
+                if not _retryable(failure):
+                    self._apply(self.state.on_agent_connect_failed(self._clock(), detail))
+                    return
+                retry_reason = detail
+            if retry_reason is None:
+                return
+            await self._close_agent()
+            log.warning("Voice Agent not available (%s): retrying in %.2f s", retry_reason, backoff_s)
+            await trio.sleep(backoff_s)  # the ready deadline (ticker) bounds the whole loop
+            backoff_s = min(backoff_s * 2, 2.0)
+
+    async def _agent_rx(self, sock: MessageSocket) -> str | None:
+        """Read the agent until its socket closes. Returns a reason to retry the connect, or None."""
+        state, clock, parse, apply = self.state, self._clock, ag.parse, self._apply
+        metrics = self.setup.metrics
+        while True:
+            frame = await sock.receive()
+            if frame is None:
+                detail = sock.describe_close() if hasattr(sock, "describe_close") else "closed"
+                apply(state.on_agent_closed(clock(), detail))
+                self._upstream_gone.set()
+                return None
+            event = parse(frame)
+            kind = type(event)
+            if kind is ag.ReplyAudio:
+                if self._speech_stopped_at is not None and metrics and state.phase is st.Phase.LIVE:
+                    metrics.reply_latency.observe(clock() - self._speech_stopped_at)
+                    self._speech_stopped_at = None
+                first = state.stats.first_audio_at is None
+                apply(state.on_agent(event, clock()))
+                if first and state.stats.first_audio_at is not None and metrics and state.stats.started_at is not None:
+                    metrics.first_audio.observe(state.stats.first_audio_at - state.stats.started_at)
+                continue
+            if isinstance(event, ag.SessionError):
+                if metrics:
+                    metrics.upstream_errors.labels(_metric_code(event.code)).inc()
+                if state.phase is st.Phase.CONNECTING and event.code in ag.RETRYABLE_CONNECT_CODES:
+                    return f"session.error {event.code}: {event.message}"
+            elif isinstance(event, ag.SessionReady):
+                self._tags.session_id = event.session_id
+            elif kind is ag.SpeechStopped:
+                self._speech_stopped_at = clock()
+            apply(state.on_agent(event, clock()))
+            if state.upstream_ended:
+                self._upstream_gone.set()
+
+    async def _agent_tx(self, sock: MessageSocket) -> None:
+        recv = self._agent_out_recv
+        while True:
+            try:
+                text = await recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            try:
+                with trio.fail_after(SEND_DEADLINE_S):
+                    await sock.send(text)
+            except trio.TooSlowError:
+                self._stuck("the Voice Agent did not accept data for 5 s")
+                return
+            except SocketClosed:
+                return  # the reader sees the close and decides
+            if text is ag.SESSION_END:
+                self._session_end_sent = True
+
+    # --- side tasks -------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        state, clock, apply = self.state, self._clock, self._apply
+        while True:
+            await trio.sleep(TICK_S)
+            apply(state.on_tick(clock()))
+
+    async def _outbound_silence(self) -> None:
+        """Keep the callee's audio path open with silence until the agent's audio starts."""
+        await trio.sleep(self.setup.policy.greeting_pad_ms / 1000)
+        frame = tw.silence_payload(SILENCE_FRAME_MS)
+        state = self.state
+        while state.stats.first_audio_at is None and not state.ending:
+            self._apply([st.SendPhone(tw.media_frame(state.stream_sid, frame), state.epoch)])
+            await trio.sleep(SILENCE_FRAME_MS / 1000)
+
+    async def _run_tool(self, action: st.RunTool) -> None:
+        tools = self.setup.tools
+        if tools is None:
+            result, is_error = '{"error":"no tools are configured"}', True
+        else:
+            result, is_error = await tools.run(
+                action.name, action.arguments, self._context(), timeout_s=self.setup.tool_timeout_s
+            )
+        if self.setup.metrics:
+            name = action.name if tools is not None and tools.get(action.name) is not None else "unknown"
+            self.setup.metrics.tool_calls.labels(name, "error" if is_error else "ok").inc()
+        log.info("tool %s %s: %s", action.name, "failed" if is_error else "returned", result[:200])
+        self._apply(self.state.on_tool_done(action.call_id, result, is_error, self._clock()))
+
+    async def _hang_up(self, action: st.HangUp) -> None:
+        control, call_sid = self.setup.control, self.state.call_sid
+        if control is not None and call_sid:
+            try:
+                with trio.fail_after(REST_DEADLINE_S):
+                    await control.hang_up(call_sid)
+                log.info("hung up the call (%s)", action.reason)
+            except (BridgeError, trio.TooSlowError) as exc:
+                log.warning("REST hang-up failed (%s): closing the stream instead", exc)
+        else:
+            log.warning("no Twilio credentials for a REST hang-up: closing the stream (fallback TwiML may play)")
+        self._apply(self.state.end_now(f"agent ended the call ({action.reason})", st.Outcome.AGENT_ENDED))
+
+    async def _transfer(self, action: st.Transfer) -> None:
+        control, call_sid = self.setup.control, self.state.call_sid
+        if control is None or not call_sid:
+            self._apply(self.state.on_tool_done(
+                action.call_id, '{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}', True, self._clock()
+            ))
+            return
+        self.state.on_transfer_started()  # before the request: Twilio's stop may beat its answer
+        try:
+            with trio.fail_after(REST_DEADLINE_S):
+                await control.update_twiml(call_sid, twiml.dial(action.number, announcement=self.setup.transfer_announcement))
+        except (BridgeError, trio.TooSlowError) as exc:
+            self.state.on_transfer_failed()
+            log.warning("transfer to %s failed: %s", action.number, exc)
+            self._apply(self.state.on_tool_done(
+                action.call_id, '{"error":"the transfer failed; apologise and offer to help"}', True, self._clock()
+            ))
+            return
+        log.info("transferring the call to %s", action.number)
+        self._apply(self.state.on_tool_done(action.call_id, '{"ok":true,"note":"transferring"}', False, self._clock()))
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def _apply(self, actions: list[st.Action]) -> None:
+        """Perform the state machine's decisions, in order, without awaiting."""
+        for action in actions:
+            kind = type(action)
+            if kind is st.SendAgent:
+                try:
+                    self._agent_out_send.send_nowait(action.text)  # type: ignore[union-attr]
+                except trio.WouldBlock:
+                    if action.audio:  # type: ignore[union-attr]
+                        self.state.stats.frames_to_agent -= 1
+                        self.state.stats.frames_dropped_backpressure += 1
+                    elif self._nursery is not None:
+                        self._nursery.start_soon(self._agent_out_send.send, action.text)  # type: ignore[union-attr]
+                except trio.ClosedResourceError:
+                    pass
+            elif kind is st.SendPhone:
+                try:
+                    self._phone_out_send.send_nowait((action.text, action.epoch))  # type: ignore[union-attr]
+                except trio.WouldBlock:
+                    self._stuck("Twilio is not reading: the playback queue is full")
+                except trio.ClosedResourceError:
+                    pass
+            elif kind is st.Log:
+                log.log(action.level, action.message)  # type: ignore[union-attr]
+            elif kind is st.EndCall:
+                self._begin_end(action)  # type: ignore[arg-type]
+            elif self._nursery is not None:
+                self._spawn(action)
+
+    def _spawn(self, action: st.Action) -> None:
+        assert self._nursery is not None
+        if isinstance(action, st.ConnectAgent):
+            self._tags.call_sid = self.state.call_sid
+            self._nursery.start_soon(self._agent_leg, action.resume_session_id)
+            if self.setup.direction == "outbound":
+                self._nursery.start_soon(self._outbound_silence)
+        elif isinstance(action, st.RunTool):
+            self._nursery.start_soon(self._run_tool, action)
+        elif isinstance(action, st.HangUp):
+            self._nursery.start_soon(self._hang_up, action)
+        elif isinstance(action, st.Transfer):
+            self._nursery.start_soon(self._transfer, action)
+
+    def _begin_end(self, action: st.EndCall) -> None:
+        if self._end_action is not None:
+            return
+        self._end_action = action
+        level = logging.INFO if action.outcome in _NORMAL_OUTCOMES else logging.WARNING
+        log.log(level, "call ending: %s", action.reason)
+        self._ended.set()
+
+    def _stuck(self, reason: str) -> None:
+        self._apply(self.state.end_now(f"call stuck: {reason}", st.Outcome.STUCK))
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    async def _goodbye(self) -> None:
+        """Tell the agent we are done (``session.end``) and wait, bounded, for it to close."""
+        end = self._end_action
+        if end is None or not end.end_upstream or self._agent is None:
+            return
+        with trio.move_on_after(GOODBYE_S):
+            await self._agent_out_send.send(ag.SESSION_END)
+            await self._upstream_gone.wait()
+
+    async def _close_agent(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            with trio.move_on_after(CLOSE_S):
+                await agent.aclose()
+
+    async def _close_sockets(self) -> None:
+        """Shielded by the caller. A call cancelled from outside still ends its upstream session."""
+        self._agent_out_send.close()
+        self._phone_out_send.close()
+        agent = self._agent
+        if agent is not None and not self._session_end_sent and not self.state.upstream_ended:
+            with trio.move_on_after(CLOSE_S):
+                try:
+                    await agent.send(ag.SESSION_END)
+                except SocketClosed:
+                    pass
+        await self._close_agent()
+        with trio.move_on_after(CLOSE_S):
+            await self._phone.aclose(1000)
+
+    def _context(self) -> CallContext:
+        state = self.state
+        params = state.custom_parameters
+        return CallContext(
+            call_id=self.setup.call_id,
+            call_sid=state.call_sid,
+            direction=self.setup.direction,
+            from_number=params.get("From", ""),
+            to_number=params.get("To", ""),
+            stream_sid=state.stream_sid,
+            custom_parameters=params,
+        )
+
+    def _summarise(self, started: float) -> CallSummary:
+        state = self.state
+        outcome = state.outcome or st.Outcome.CALLER_HUNG_UP
+        reason = state.end_reason or "cancelled"
+        s = state.stats
+        duration = self._clock() - started
+        metrics = self.setup.metrics
+        if metrics:
+            metrics.calls.labels(outcome.value).inc()
+            metrics.barge_ins.inc(s.barge_ins)
+            metrics.fold_finished(s)
+        log.info(
+            "call summary: outcome=%s duration=%.1fs turns=%d barge_ins=%d tools=%d "
+            "frames twilio->agent=%d/%d agent->twilio=%d/%d dropped(pre_ready=%d flood=%d "
+            "backpressure=%d interrupted=%d) invalid(twilio=%d agent=%d) reason=%s",
+            outcome.value, duration, s.turns, s.barge_ins, s.tool_calls,
+            s.frames_to_agent, s.frames_from_twilio, s.frames_to_twilio, s.frames_from_agent,
+            s.frames_dropped_pre_ready, s.frames_dropped_flood, s.frames_dropped_backpressure,
+            s.frames_dropped_interrupted, s.invalid_twilio, s.invalid_agent, reason,
+        )
+        return CallSummary(self.setup.call_id, state.call_sid, outcome, reason, duration, s)
+
+
+_NORMAL_OUTCOMES = frozenset({st.Outcome.CALLER_HUNG_UP, st.Outcome.AGENT_ENDED, st.Outcome.TRANSFERRED})
+_KNOWN_CODES = ag.FATAL_ERROR_CODES | {
+    "invalid_format", "invalid_audio", "invalid_value", "immutable_field", "invalid_config",
+    "agent_id_not_first", "audio_rate_violation", "server_error",
+}
+
+
+def _metric_code(code: str) -> str:
+    return code if code in _KNOWN_CODES else "other"
+
+
+_CONNECT_ERRORS = (UpstreamError, trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, SocketClosed)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, UpstreamError):
+        return exc.retryable
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return exc.status_code >= 500 or exc.status_code == 429
+    return isinstance(exc, OSError)
+
+
+def _describe_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"handshake rejected with HTTP {exc.status_code}"
+    if isinstance(exc, UpstreamError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,602 @@
+"""CallState: every decision of one phone call, as pure code.
+
+The I/O shell (``call/session.py``) feeds it what happened — a Twilio event, an agent event, a tool
+finishing, a clock tick — and performs the actions it returns, in order. It never imports trio and
+never awaits; time enters only as the ``now`` argument (seconds, any monotonic origin).
+
+Invariants:
+- Caller audio goes upstream only while the upstream session is ready (phase LIVE), in order,
+  byte-identical, and at most ~real time (a token bucket drops a flood; drops are counted).
+- Agent audio goes to Twilio tagged with the playback epoch; a ``clear`` bumps the epoch, so audio
+  queued before it is never played, and audio of an interrupted reply is dropped.
+- Every mark we send is either pending, or was pending at a ``clear`` (its echo means "flushed").
+- ``EndCall`` is returned at most once; after it, only the upstream goodbye is still tracked.
+- Tool results follow reference §7: sent when ``reply.done`` is the latest turn event, held
+  otherwise (flushed after ``tool_hold_max_s`` as a safety net), discarded when the reply that
+  asked for them was interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from bridge.agent import events as ag
+from bridge.phone import media as tw
+
+END_CALL_TOOL = "end_call"
+TRANSFER_TOOL = "transfer_call"
+_MAX_LOGGED_INVALID = 5  # per call and side; the rest are only counted
+_FLOOD_BURST_MS = 2000.0  # caller audio allowed ahead of real time before frames are dropped
+
+
+class Phase(Enum):
+    AWAITING_START = "awaiting_start"
+    CONNECTING = "connecting"  # start seen, upstream not ready yet
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    ENDING = "ending"
+
+
+class Outcome(Enum):
+    CALLER_HUNG_UP = "caller_hung_up"
+    AGENT_ENDED = "agent_ended"  # end_call tool
+    TRANSFERRED = "transferred"
+    UPSTREAM_FAILED = "upstream_failed"
+    REJECTED = "rejected"  # the stream broke the rules before the call began
+    TIME_LIMIT = "time_limit"
+    SERVER_SHUTDOWN = "server_shutdown"
+    STUCK = "stuck"
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendAgent:
+    text: str
+    audio: bool = False  # caller audio may be dropped when the upstream is slow; control never
+
+
+@dataclass(frozen=True, slots=True)
+class SendPhone:
+    text: str
+    epoch: int | None = None  # agent audio: dropped by the writer if a clear came after it
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAgent:
+    resume_session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    call_id: str
+    number: str
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    reason: str
+    outcome: Outcome
+    end_upstream: bool  # send session.end (a bare close keeps the session billed for 30 s)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: int
+    message: str
+
+
+Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | EndCall | Log
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames_from_twilio: int = 0
+    frames_to_agent: int = 0
+    frames_dropped_pre_ready: int = 0
+    frames_dropped_flood: int = 0
+    frames_from_agent: int = 0
+    frames_to_twilio: int = 0
+    frames_dropped_interrupted: int = 0
+    frames_dropped_backpressure: int = 0
+    invalid_twilio: int = 0
+    invalid_agent: int = 0
+    turns: int = 0
+    barge_ins: int = 0
+    tool_calls: int = 0
+    upstream_errors: int = 0
+    first_audio_at: float | None = None
+    started_at: float | None = None
+
+
+@dataclass(slots=True)
+class _ToolCallState:
+    reply_id: str | None
+    done: bool = False
+    discarded: bool = False
+
+
+@dataclass(slots=True)
+class CallPolicy:
+    """The per-call knobs the state machine needs (from Settings)."""
+
+    ready_timeout_s: float = 10.0
+    max_call_s: float = 3600.0
+    end_call_deadline_s: float = 15.0
+    tool_hold_max_s: float = 5.0
+    end_call_enabled: bool = True
+    transfer_numbers: tuple[str, ...] = ()  # first one is the default target
+    outbound: bool = False
+    greeting_pad_ms: int = 0
+    voice: str = ""
+
+
+class CallState:
+    """All decisions of one call. See the module docstring for the invariants."""
+
+    __slots__ = (
+        "_bucket_at",
+        "_bucket_ms",
+        "_cleared_marks",
+        "_current_reply",
+        "_end_call_reply",
+        "_gate_open",
+        "_goodbye_deadline",
+        "_goodbye_mark",
+        "_held_results",
+        "_interrupted",
+        "_mark_seq",
+        "_pending_marks",
+        "_ready_deadline",
+        "_tools",
+        "audio_since_clear",
+        "call_sid",
+        "custom_parameters",
+        "end_reason",
+        "epoch",
+        "expected_call_sid",
+        "hanging_up",
+        "outcome",
+        "phase",
+        "policy",
+        "session_id",
+        "stats",
+        "stream_sid",
+        "transferring",
+        "upstream_ended",
+    )
+
+    def __init__(self, policy: CallPolicy, *, expected_call_sid: str | None = None) -> None:
+        self.policy = policy
+        self.expected_call_sid = expected_call_sid
+        self.phase = Phase.AWAITING_START
+        self.stream_sid = ""
+        self.call_sid = ""
+        self.custom_parameters: dict[str, str] = {}
+        self.session_id: str | None = None
+        self.epoch = 0
+        self.audio_since_clear = False
+        self.stats = CallStats()
+        self.outcome: Outcome | None = None
+        self.end_reason = ""
+        self.transferring = False
+        self.hanging_up = False
+        self.upstream_ended = False
+        self._ready_deadline: float | None = None
+        self._current_reply: str | None = None
+        self._interrupted: deque[str] = deque(maxlen=16)
+        self._pending_marks: set[str] = set()
+        self._cleared_marks: set[str] = set()
+        self._mark_seq = 0
+        self._gate_open = True
+        self._held_results: list[tuple[str, str, bool, float]] = []
+        self._tools: dict[str, _ToolCallState] = {}
+        self._end_call_reply: str | None = None
+        self._goodbye_mark: str | None = None
+        self._goodbye_deadline: float | None = None
+        self._bucket_ms = _FLOOD_BURST_MS
+        self._bucket_at = 0.0
+
+    @property
+    def ending(self) -> bool:
+        return self.phase is Phase.ENDING
+
+    # --- Twilio side ----------------------------------------------------------------------------
+
+    def on_phone(self, event: tw.TwilioEvent | tw.InvalidFrame, now: float) -> list[Action]:
+        """Decide what a Twilio message means for the call."""
+        if type(event) is tw.Media:
+            return self._on_media(event, now)
+        if self.phase is Phase.ENDING:
+            return []
+        if isinstance(event, tw.Start):
+            return self._on_start(event, now)
+        if isinstance(event, tw.Mark):
+            return self._on_mark(event, now)
+        if isinstance(event, tw.Stop):
+            if self.stream_sid and event.stream_sid != self.stream_sid:
+                return self._invalid_twilio("stop for another streamSid")
+            if self.transferring:
+                return self._end("Twilio stopped the stream for the transfer", Outcome.TRANSFERRED)
+            if self.hanging_up:
+                return self._end("call hung up after the goodbye", Outcome.AGENT_ENDED)
+            return self._end("caller hung up (stop)", Outcome.CALLER_HUNG_UP)
+        if isinstance(event, tw.Dtmf):
+            return [Log(logging.INFO, f"caller pressed {event.digit[:8]!r}")]
+        if isinstance(event, tw.InvalidFrame):
+            return self._invalid_twilio(event.reason)
+        if isinstance(event, tw.Connected):
+            return [Log(logging.DEBUG, f"Twilio connected (protocol {event.protocol} {event.version})")]
+        return [Log(logging.DEBUG, f"ignored unknown Twilio event {event.event!r}")]
+
+    def on_phone_closed(self, now: float) -> list[Action]:
+        """The Twilio socket closed (with or without ``stop``)."""
+        if self.phase is Phase.ENDING:
+            return []
+        if self.transferring:
+            return self._end("Twilio closed the stream for the transfer", Outcome.TRANSFERRED)
+        if self.hanging_up:
+            return self._end("call hung up after the goodbye", Outcome.AGENT_ENDED)
+        return self._end("Twilio closed the stream", Outcome.CALLER_HUNG_UP)
+
+    def _on_start(self, event: tw.Start, now: float) -> list[Action]:
+        if self.phase is not Phase.AWAITING_START:
+            return self._invalid_twilio("second start message")
+        if self.expected_call_sid is not None and event.call_sid != self.expected_call_sid:
+            return self._end(
+                f"start callSid {event.call_sid} does not match the stream token", Outcome.REJECTED
+            )
+        self.stream_sid = event.stream_sid
+        self.call_sid = event.call_sid
+        self.custom_parameters = event.custom_parameters
+        self.phase = Phase.CONNECTING
+        self.stats.started_at = now
+        self._bucket_at = now
+        self._ready_deadline = now + self.policy.ready_timeout_s
+        actions: list[Action] = [
+            Log(logging.INFO, f"stream {event.stream_sid} started ({event.encoding}, {event.sample_rate} Hz)"),
+            ConnectAgent(),
+        ]
+        if self.policy.outbound and self.policy.greeting_pad_ms > 0:
+            # Queued before any agent audio: the callee's audio path opens during this silence.
+            pad = tw.silence_payload(self.policy.greeting_pad_ms)
+            actions.append(SendPhone(tw.media_frame(self.stream_sid, pad), self.epoch))
+        return actions
+
+    def _on_media(self, event: tw.Media, now: float) -> list[Action]:
+        stats = self.stats
+        stats.frames_from_twilio += 1
+        if self.phase is not Phase.LIVE:
+            if self.phase is Phase.AWAITING_START:
+                return self._invalid_twilio("media before start")
+            stats.frames_dropped_pre_ready += 1
+            return []
+        if event.stream_sid != self.stream_sid:
+            return self._invalid_twilio("media for another streamSid")
+        # Token bucket in ms of audio: refills at real time, holds at most the burst allowance.
+        bucket = self._bucket_ms + (now - self._bucket_at) * 1000.0
+        self._bucket_at = now
+        payload = event.payload
+        pad = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+        frame_ms = ((len(payload) * 3 >> 2) - pad) * 0.125  # exact bytes / 8 bytes per ms
+        if bucket > _FLOOD_BURST_MS:
+            bucket = _FLOOD_BURST_MS
+        if bucket < frame_ms:
+            self._bucket_ms = bucket
+            stats.frames_dropped_flood += 1
+            return []
+        self._bucket_ms = bucket - frame_ms
+        stats.frames_to_agent += 1
+        return [SendAgent(ag.input_audio(event.payload), True)]
+
+    def _on_mark(self, event: tw.Mark, now: float) -> list[Action]:
+        name = event.name
+        if name in self._cleared_marks:
+            self._cleared_marks.discard(name)
+            return [Log(logging.DEBUG, f"mark {name} came back flushed by a clear")]
+        if name not in self._pending_marks:
+            return [Log(logging.DEBUG, f"ignored echo of unknown mark {name!r}")]
+        self._pending_marks.discard(name)
+        if name == self._goodbye_mark:
+            self._goodbye_mark = None
+            self._goodbye_deadline = None
+            self.hanging_up = True
+            return [HangUp("the goodbye was played")]
+        return []
+
+    # --- agent side -----------------------------------------------------------------------------
+
+    def on_agent(self, event: ag.AgentEvent | ag.InvalidEvent, now: float) -> list[Action]:
+        """Decide what a Voice Agent event means for the call."""
+        if type(event) is ag.ReplyAudio:
+            return self._on_reply_audio(event, now)
+        if self.phase is Phase.ENDING:
+            if isinstance(event, ag.SessionEnded):
+                self.upstream_ended = True
+            return []
+        handler = _AGENT_HANDLERS.get(type(event))
+        if handler is None:
+            if isinstance(event, ag.UnknownEvent):
+                return [Log(logging.DEBUG, f"ignored unknown agent event {event.type!r}")]
+            return []
+        result: list[Action] = handler(self, event, now)
+        return result
+
+    def on_agent_closed(self, now: float, detail: str) -> list[Action]:
+        """The upstream socket closed. Without ``session.ended`` first, that is a failure."""
+        if self.phase is Phase.ENDING:
+            self.upstream_ended = True
+            return []
+        self.upstream_ended = True
+        return self._end(f"Voice Agent connection lost ({detail})", Outcome.UPSTREAM_FAILED, upstream=False)
+
+    def on_agent_connect_failed(self, now: float, detail: str) -> list[Action]:
+        if self.phase is Phase.ENDING:
+            return []
+        self.upstream_ended = True
+        return self._end(f"could not open the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False)
+
+    def _on_reply_audio(self, event: ag.ReplyAudio, now: float) -> list[Action]:
+        stats = self.stats
+        stats.frames_from_agent += 1
+        if self.phase is Phase.ENDING or not self.stream_sid:
+            return []
+        if event.reply_id in self._interrupted:
+            stats.frames_dropped_interrupted += 1
+            return []
+        if stats.first_audio_at is None:
+            stats.first_audio_at = now
+        self.audio_since_clear = True
+        stats.frames_to_twilio += 1
+        return [SendPhone(tw.media_frame(self.stream_sid, event.data), self.epoch)]
+
+    def _on_ready(self, event: ag.SessionReady, now: float) -> list[Action]:
+        resumed = self.phase is Phase.RECONNECTING
+        self.phase = Phase.LIVE
+        self.session_id = event.session_id
+        self._ready_deadline = None
+        self._bucket_at = now
+        self._bucket_ms = 0.0 if resumed else _FLOOD_BURST_MS
+        what = "resumed" if resumed else "ready"
+        return [Log(logging.INFO, f"agent session {event.session_id} {what}")]
+
+    def _on_error(self, event: ag.SessionError, now: float) -> list[Action]:
+        self.stats.upstream_errors += 1
+        if event.param == "output.voice":
+            msg = f"VOICE {self.policy.voice!r} was rejected by the Voice Agent API: {event.message}"
+        else:
+            msg = f"Voice Agent error {event.code}: {event.message}"
+        if event.fatal or self.phase is Phase.CONNECTING:
+            # Any error before ready was fatal live (the service closes with 1008).
+            return [Log(logging.ERROR, msg), *self._end(msg, Outcome.UPSTREAM_FAILED, upstream=False)]
+        return [Log(logging.WARNING, msg + " (the call goes on)")]
+
+    def _on_ended(self, event: ag.SessionEnded, now: float) -> list[Action]:
+        self.upstream_ended = True
+        return self._end("the Voice Agent ended the session", Outcome.UPSTREAM_FAILED, upstream=False)
+
+    def _on_speech_started(self, event: ag.SpeechStarted, now: float) -> list[Action]:
+        self._gate_open = False
+        self.stats.turns += 1
+        if not self.stream_sid:
+            return []
+        if self._current_reply is not None:
+            self._interrupted.append(self._current_reply)
+        actions: list[Action] = [self._clear()]
+        if self.audio_since_clear:
+            self.stats.barge_ins += 1
+            actions.append(Log(logging.INFO, "caller barged in: playback cleared"))
+        self.audio_since_clear = False
+        return actions
+
+    def _on_reply_started(self, event: ag.ReplyStarted, now: float) -> list[Action]:
+        self._gate_open = False
+        self._current_reply = event.reply_id
+        return []
+
+    def _on_reply_done(self, event: ag.ReplyDone, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self._current_reply == event.reply_id:
+            self._current_reply = None
+        if event.interrupted:
+            self._interrupted.append(event.reply_id)
+            for call_id, tool in self._tools.items():
+                if tool.reply_id == event.reply_id and not tool.discarded:
+                    tool.discarded = True
+                    actions.append(Log(logging.INFO, f"tool result for {call_id} discarded: reply interrupted"))
+            self._held_results = [r for r in self._held_results if not self._tools[r[0]].discarded]
+            if self._end_call_reply == event.reply_id:
+                self._end_call_reply = None
+                actions.append(Log(logging.INFO, "end_call cancelled: the caller interrupted the goodbye"))
+            if self.stream_sid:
+                actions.append(self._clear())
+            self._gate_open = False
+            return actions
+        self._gate_open = True
+        actions.extend(self._flush_results())
+        if self._end_call_reply is not None and self._end_call_reply in (event.reply_id, ""):
+            self._end_call_reply = None
+            actions.append(self._send_goodbye_mark(now))
+        return actions
+
+    def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
+        self._gate_open = False
+        if event.call_id in self._tools:
+            return [Log(logging.WARNING, f"duplicate tool.call {event.call_id} ignored")]
+        self.stats.tool_calls += 1
+        self._tools[event.call_id] = _ToolCallState(self._current_reply)
+        if event.arguments is None:
+            return [
+                Log(logging.WARNING, f"tool.call {event.name!r} unreadable: {event.arguments_error}"),
+                *self.on_tool_done(event.call_id, _error_json(event.arguments_error or "bad tool call"), True, now),
+            ]
+        if event.name == END_CALL_TOOL and self.policy.end_call_enabled:
+            self._end_call_reply = self._current_reply or ""
+            if self._current_reply is None:  # asked outside a reply: the goodbye is already queued
+                self._end_call_reply = None
+                actions: list[Action] = [self._send_goodbye_mark(now)]
+            else:
+                actions = []
+            return [
+                Log(logging.INFO, "agent asked to end the call: hanging up after the goodbye plays"),
+                *actions,
+                *self.on_tool_done(event.call_id, '{"ok":true,"note":"the call ends after your goodbye"}', False, now),
+            ]
+        if event.name == TRANSFER_TOOL and self.policy.transfer_numbers:
+            number = event.arguments.get("number") or self.policy.transfer_numbers[0]
+            if number not in self.policy.transfer_numbers:
+                return self.on_tool_done(
+                    event.call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
+                )
+            return [Log(logging.INFO, f"agent asked to transfer the call to {number}"), Transfer(event.call_id, number)]
+        return [
+            Log(logging.INFO, f"tool call {event.name} {_short(event.arguments)}"),
+            RunTool(event.call_id, event.name, event.arguments),
+        ]
+
+    def _on_transcript_user(self, event: ag.TranscriptUser, now: float) -> list[Action]:
+        return [Log(logging.INFO, f"caller: {event.text}")]
+
+    def _on_transcript_agent(self, event: ag.TranscriptAgent, now: float) -> list[Action]:
+        suffix = " [interrupted]" if event.interrupted else ""
+        return [Log(logging.INFO, f"agent: {event.text}{suffix}")]
+
+    def _on_invalid_agent(self, event: ag.InvalidEvent, now: float) -> list[Action]:
+        self.stats.invalid_agent += 1
+        if self.stats.invalid_agent <= _MAX_LOGGED_INVALID:
+            return [Log(logging.WARNING, f"skipped invalid agent frame: {event.reason}")]
+        return []
+
+    # --- tools, transfer, ticks -------------------------------------------------------------
+
+    def on_tool_done(self, call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
+        """A tool finished (or failed). Send, hold or discard its result per reference §7."""
+        tool = self._tools.get(call_id)
+        if tool is None or tool.done or self.phase is Phase.ENDING:
+            return []
+        tool.done = True
+        if tool.discarded:
+            return []
+        if self._gate_open:
+            return [SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
+        self._held_results.append((call_id, result, is_error, now))
+        return []
+
+    def on_transfer_started(self) -> None:
+        """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""
+        self.transferring = True
+
+    def on_transfer_failed(self) -> None:
+        self.transferring = False
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Deadlines: upstream ready, call length, goodbye mark, held tool results."""
+        if self.phase is Phase.ENDING:
+            return []
+        if self._ready_deadline is not None and now >= self._ready_deadline:
+            return self._end(
+                f"no session.ready within {self.policy.ready_timeout_s:g} s", Outcome.UPSTREAM_FAILED
+            )
+        started = self.stats.started_at
+        if started is not None and now - started >= self.policy.max_call_s:
+            return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)
+        actions: list[Action] = []
+        if self._goodbye_deadline is not None and now >= self._goodbye_deadline:
+            self._goodbye_deadline = None
+            self._goodbye_mark = None
+            self.hanging_up = True
+            actions.append(HangUp("the goodbye mark did not come back in time"))
+        if self._held_results and now - self._held_results[0][3] >= self.policy.tool_hold_max_s:
+            actions.extend(self._flush_results())
+        return actions
+
+    def end_now(self, reason: str, outcome: Outcome, *, end_upstream: bool = True) -> list[Action]:
+        """End the call from outside (shutdown, stuck peer, hang-up done)."""
+        if self.phase is Phase.ENDING:
+            return []
+        return self._end(reason, outcome, upstream=end_upstream)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _flush_results(self) -> list[Action]:
+        held, self._held_results = self._held_results, []
+        return [SendAgent(ag.tool_result(cid, res, is_error=err)) for cid, res, err, _ in held]
+
+    def _clear(self) -> SendPhone:
+        self.epoch += 1
+        self._cleared_marks |= self._pending_marks
+        self._pending_marks = set()
+        if self._goodbye_mark is not None:
+            self._goodbye_mark = None
+            self._goodbye_deadline = None
+        return SendPhone(tw.clear_frame(self.stream_sid))
+
+    def _send_goodbye_mark(self, now: float) -> Action:
+        self._mark_seq += 1
+        name = f"goodbye-{self._mark_seq}"
+        self._pending_marks.add(name)
+        self._goodbye_mark = name
+        self._goodbye_deadline = now + self.policy.end_call_deadline_s
+        if not self.stream_sid:
+            self.hanging_up = True
+            return HangUp("end_call before the stream started")
+        return SendPhone(tw.mark_frame(self.stream_sid, name))
+
+    def _invalid_twilio(self, reason: str) -> list[Action]:
+        self.stats.invalid_twilio += 1
+        if self.stats.invalid_twilio <= _MAX_LOGGED_INVALID:
+            return [Log(logging.WARNING, f"skipped invalid Twilio frame: {reason}")]
+        return []
+
+    def _end(self, reason: str, outcome: Outcome, *, upstream: bool = True) -> list[Action]:
+        had_upstream = self.phase in (Phase.CONNECTING, Phase.LIVE, Phase.RECONNECTING)
+        self.phase = Phase.ENDING
+        self.outcome = outcome
+        self.end_reason = reason
+        end_upstream = upstream and had_upstream and not self.upstream_ended
+        return [EndCall(reason, outcome, end_upstream)]
+
+
+def _error_json(message: str) -> str:
+    return orjson.dumps({"error": message}).decode()
+
+
+def _short(arguments: dict[str, Any]) -> str:
+    text = orjson.dumps(arguments).decode()
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+_AGENT_HANDLERS: dict[type, Any] = {
+    ag.SessionReady: CallState._on_ready,
+    ag.SessionError: CallState._on_error,
+    ag.SessionEnded: CallState._on_ended,
+    ag.SpeechStarted: CallState._on_speech_started,
+    ag.ReplyStarted: CallState._on_reply_started,
+    ag.ReplyDone: CallState._on_reply_done,
+    ag.ToolCall: CallState._on_tool_call,
+    ag.TranscriptUser: CallState._on_transcript_user,
+    ag.TranscriptAgent: CallState._on_transcript_agent,
+    ag.InvalidEvent: CallState._on_invalid_agent,
+    ag.SessionUpdated: lambda self, e, now: [Log(logging.DEBUG, "agent session updated")],
+    ag.SpeechStopped: lambda self, e, now: [],
+    ag.TranscriptUserDelta: lambda self, e, now: [],
+}

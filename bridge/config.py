@@ -1,0 +1,401 @@
+"""Settings: read once from the environment (and an optional ``.env``), validated, frozen.
+
+``from_env(mapping)`` is pure: it never touches ``os.environ``. Every error is a
+:class:`ConfigError` whose message is one line naming the variable and the fix. Nothing below
+this module reads the environment; the ``Settings`` object is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from bridge.errors import ConfigError
+
+DEFAULT_VOICE_AGENT_URL = "wss://agents.assemblyai.com/v1/ws"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly, helpful voice assistant on a phone call. Keep every answer to one or two "
+    "short sentences, speak naturally, and never use lists or formatting."
+)
+DEFAULT_GREETING = "Hi, thanks for calling. How can I help?"
+DEFAULT_OUTBOUND_GREETING = "Hi, this is an automated assistant calling. Do you have a moment?"
+DEFAULT_VOICE = "ivy"
+DEFAULT_FALLBACK_MESSAGE = (
+    "Sorry, our assistant is not available right now. Please try again later. Goodbye."
+)
+DEFAULT_BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes."
+
+_E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_VOICE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
+_HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_TOKEN_SECRET_LABEL = b"voice-agent-bridge/stream-token/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class PublicBase:
+    """The public origin Twilio uses to reach us (never derived from a request's Host header)."""
+
+    secure: bool
+    host: str  # host[:port]
+    prefix: str = ""  # optional path prefix behind a reverse proxy, no trailing slash
+
+    def http_url(self, path: str) -> str:
+        """The URL Twilio requests (and signs) for a webhook at ``path``."""
+        return f"{'https' if self.secure else 'http'}://{self.host}{self.prefix}{path}"
+
+    def ws_url(self, path: str) -> str:
+        """The URL Twilio opens (and signs) for a Media Stream at ``path``."""
+        return f"{'wss' if self.secure else 'ws'}://{self.host}{self.prefix}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """What the agent says and sounds like on one kind of call."""
+
+    system_prompt: str
+    greeting: str
+    voice: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the service. Built once by :func:`from_env`; never mutated."""
+
+    assemblyai_api_key: str
+    public: PublicBase
+    port: int = 3000
+    bind_host: str = "0.0.0.0"
+    voice_agent_url: str = DEFAULT_VOICE_AGENT_URL
+    inbound: Persona = Persona(DEFAULT_SYSTEM_PROMPT, DEFAULT_GREETING, DEFAULT_VOICE)
+    outbound: Persona = Persona(DEFAULT_SYSTEM_PROMPT, DEFAULT_OUTBOUND_GREETING, DEFAULT_VOICE)
+    outbound_greeting_delay_ms: int = 500
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_phone_number: str | None = None
+    target_phone_number: str | None = None
+    stream_token_secret: bytes = field(default=b"", repr=False)
+    stream_token_secret_source: str = "generated at start-up"
+    stream_token_ttl_s: float = 60.0
+    max_concurrent_calls: int = 100
+    max_call_seconds: float = 3600.0
+    session_ready_timeout_s: float = 10.0
+    tool_timeout_s: float = 30.0
+    end_call_deadline_s: float = 15.0
+    max_twilio_frame_bytes: int = 64 * 1024
+    max_agent_frame_bytes: int = 1024 * 1024
+    tools_module: str | None = None
+    session_hook: str | None = None
+    end_call_tool: bool = True
+    transfer_number: str | None = None
+    transfer_allowlist: tuple[str, ...] = ()
+    fallback_message: str = DEFAULT_FALLBACK_MESSAGE
+    fallback_twiml_url: str | None = None
+    busy_message: str = DEFAULT_BUSY_MESSAGE
+    resume_window_s: float = 25.0
+    drain_seconds: float = 30.0
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def verify_signatures(self) -> bool:
+        return bool(self.twilio_auth_token)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value, for tests and log scrubbing."""
+        values = [self.assemblyai_api_key, self.stream_token_secret.hex()]
+        if self.twilio_auth_token:
+            values.append(self.twilio_auth_token)
+        return tuple(v for v in values if v)
+
+    def describe(self) -> list[str]:
+        """Human-readable configuration lines with every secret masked."""
+        lines = [
+            f"  public URL            {self.public.http_url('')} (streams: {self.public.ws_url('')})",
+            f"  listening on          {self.bind_host}:{self.port}",
+            f"  ASSEMBLYAI_API_KEY    {mask(self.assemblyai_api_key)}",
+            f"  VOICE_AGENT_URL       {self.voice_agent_url}",
+            f"  VOICE                 {self.inbound.voice} (outbound: {self.outbound.voice})",
+            f"  TWILIO_ACCOUNT_SID    {self.twilio_account_sid or '(not set)'}",
+            f"  TWILIO_AUTH_TOKEN     {mask(self.twilio_auth_token) if self.twilio_auth_token else '(not set)'}",
+            f"  TWILIO_PHONE_NUMBER   {self.twilio_phone_number or '(not set)'}",
+            f"  stream tokens         secret {self.stream_token_secret_source}, "
+            f"valid {self.stream_token_ttl_s:g} s",
+            f"  limits                {self.max_concurrent_calls} calls, "
+            f"{self.max_call_seconds:g} s per call",
+        ]
+        if self.tools_module:
+            lines.append(f"  BRIDGE_TOOLS          {self.tools_module}")
+        if self.session_hook:
+            lines.append(f"  BRIDGE_SESSION_HOOK   {self.session_hook}")
+        return lines
+
+
+def mask(secret: str) -> str:
+    """A recognisable but useless form of a secret: ``abcd…yz (32 chars)``."""
+    if len(secret) < 12:
+        return f"**** ({len(secret)} chars)"
+    return f"{secret[:4]}…{secret[-2:]} ({len(secret)} chars)"
+
+
+def load_environment(environ: Mapping[str, str], dotenv_path: str | Path | None = ".env") -> dict[str, str]:
+    """Merge an optional ``.env`` file under the real environment (the environment always wins)."""
+    merged: dict[str, str] = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        from dotenv import dotenv_values
+
+        merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    merged.update(environ)
+    return merged
+
+
+def from_env(
+    env: Mapping[str, str],
+    *,
+    generate_secret: Callable[[], bytes] = lambda: secrets.token_bytes(32),
+) -> Settings:
+    """Build :class:`Settings` from a mapping of variables. Raises :class:`ConfigError`."""
+    r = EnvReader(env)
+    warnings: list[str] = []
+
+    api_key = r.required(
+        "ASSEMBLYAI_API_KEY", "get one at https://www.assemblyai.com/dashboard and set ASSEMBLYAI_API_KEY=..."
+    )
+    public, public_warning = parse_public_base(r)
+    if public_warning:
+        warnings.append(public_warning)
+
+    voice = r.voice("VOICE", DEFAULT_VOICE)
+    inbound = Persona(
+        system_prompt=r.text("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+        greeting=r.text("GREETING", DEFAULT_GREETING),
+        voice=voice,
+    )
+    outbound = Persona(
+        system_prompt=r.text("OUTBOUND_SYSTEM_PROMPT", inbound.system_prompt),
+        greeting=r.text("OUTBOUND_GREETING", DEFAULT_OUTBOUND_GREETING),
+        voice=r.voice("OUTBOUND_VOICE", voice),
+    )
+
+    auth_token = r.optional("TWILIO_AUTH_TOKEN")
+    token_secret_text = r.optional("STREAM_TOKEN_SECRET")
+    if token_secret_text:
+        if len(token_secret_text) < 16:
+            raise ConfigError(
+                "STREAM_TOKEN_SECRET is too short: use at least 16 random characters "
+                '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+            )
+        token_secret = token_secret_text.encode()
+        token_source = "from STREAM_TOKEN_SECRET"
+    elif auth_token:
+        token_secret = hmac.new(auth_token.encode(), _TOKEN_SECRET_LABEL, hashlib.sha256).digest()
+        token_source = "derived from TWILIO_AUTH_TOKEN"
+    else:
+        token_secret = generate_secret()
+        token_source = "generated at start-up (set STREAM_TOKEN_SECRET to share it between instances)"
+    if not auth_token:
+        warnings.append(
+            "TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT verified and anyone who finds "
+            "this server can open calls. Set TWILIO_AUTH_TOKEN before exposing it to the internet."
+        )
+
+    transfer_number = r.e164("TRANSFER_NUMBER")
+    allowlist = tuple(
+        check_e164("TRANSFER_ALLOWLIST", n.strip())
+        for n in r.text("TRANSFER_ALLOWLIST", "").split(",")
+        if n.strip()
+    )
+    fallback_url = r.optional("FALLBACK_TWIML_URL")
+    if fallback_url and not fallback_url.startswith(("https://", "http://")):
+        raise ConfigError("FALLBACK_TWIML_URL must be an absolute http(s) URL, e.g. https://example.com/fallback.xml")
+
+    log_format = r.text("LOG_FORMAT", "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={log_format!r} is not valid: use LOG_FORMAT=text or LOG_FORMAT=json")
+    log_level = r.text("LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL={log_level!r} is not valid: use DEBUG, INFO, WARNING or ERROR")
+
+    tools_module = r.optional("BRIDGE_TOOLS")
+    if tools_module and not all(_MODULE.match(m.strip()) for m in tools_module.split(",")):
+        raise ConfigError(f"BRIDGE_TOOLS={tools_module!r} is not a module path: use e.g. BRIDGE_TOOLS=mypackage.tools")
+    session_hook = r.optional("BRIDGE_SESSION_HOOK")
+    if session_hook and not _HOOK.match(session_hook):
+        raise ConfigError(
+            f"BRIDGE_SESSION_HOOK={session_hook!r} is not module:function: use e.g. "
+            "BRIDGE_SESSION_HOOK=mypackage.hooks:persona"
+        )
+
+    voice_agent_url = r.text("VOICE_AGENT_URL", DEFAULT_VOICE_AGENT_URL)
+    if not voice_agent_url.startswith(("wss://", "ws://")) or not urlsplit(voice_agent_url).hostname:
+        raise ConfigError(
+            f"VOICE_AGENT_URL={voice_agent_url!r} is not a WebSocket URL: use e.g. "
+            f"VOICE_AGENT_URL={DEFAULT_VOICE_AGENT_URL}"
+        )
+
+    return Settings(
+        assemblyai_api_key=api_key,
+        public=public,
+        port=r.integer("PORT", 3000, 1, 65535),
+        bind_host=r.text("BIND_HOST", "0.0.0.0"),
+        voice_agent_url=voice_agent_url,
+        inbound=inbound,
+        outbound=outbound,
+        outbound_greeting_delay_ms=r.integer("OUTBOUND_GREETING_DELAY_MS", 500, 0, 10_000),
+        twilio_account_sid=r.account_sid("TWILIO_ACCOUNT_SID"),
+        twilio_auth_token=auth_token,
+        twilio_phone_number=r.e164("TWILIO_PHONE_NUMBER"),
+        target_phone_number=r.e164("TARGET_PHONE_NUMBER"),
+        stream_token_secret=token_secret,
+        stream_token_secret_source=token_source,
+        stream_token_ttl_s=r.number("STREAM_TOKEN_TTL_S", 60.0, 1.0, 3600.0),
+        max_concurrent_calls=r.integer("MAX_CONCURRENT_CALLS", 100, 1, 100_000),
+        max_call_seconds=r.number("MAX_CALL_SECONDS", 3600.0, 1.0, 4 * 3600.0),
+        session_ready_timeout_s=r.number("SESSION_READY_TIMEOUT_S", 10.0, 0.1, 120.0),
+        tool_timeout_s=r.number("TOOL_TIMEOUT_S", 30.0, 0.1, 300.0),
+        end_call_deadline_s=r.number("END_CALL_DEADLINE_S", 15.0, 0.1, 300.0),
+        max_twilio_frame_bytes=r.integer("MAX_TWILIO_FRAME_BYTES", 64 * 1024, 1024, 16 * 1024 * 1024),
+        max_agent_frame_bytes=r.integer("MAX_AGENT_FRAME_BYTES", 1024 * 1024, 4096, 64 * 1024 * 1024),
+        tools_module=tools_module,
+        session_hook=session_hook,
+        end_call_tool=r.boolean("END_CALL_TOOL", True),
+        transfer_number=transfer_number,
+        transfer_allowlist=allowlist,
+        fallback_message=r.text("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
+        fallback_twiml_url=fallback_url,
+        busy_message=r.text("BUSY_MESSAGE", DEFAULT_BUSY_MESSAGE),
+        resume_window_s=r.number("RESUME_WINDOW_S", 25.0, 0.0, 30.0),
+        drain_seconds=r.number("DRAIN_SECONDS", 30.0, 0.0, 24 * 3600.0),
+        log_level=log_level,
+        log_format="json" if log_format == "json" else "text",
+        warnings=tuple(warnings),
+    )
+
+
+def parse_public_base(r: EnvReader | Mapping[str, str]) -> tuple[PublicBase, str | None]:
+    """Read ``PUBLIC_HOSTNAME`` (preferred) or ``HOSTNAME`` into a :class:`PublicBase`.
+
+    Returns the base and a warning when the value looks like a machine's own name (shells and
+    containers set ``HOSTNAME`` to it), which would make Twilio dial ``wss://<container-id>/``.
+    """
+    reader = r if isinstance(r, EnvReader) else EnvReader(r)
+    name = "PUBLIC_HOSTNAME" if reader.optional("PUBLIC_HOSTNAME") else "HOSTNAME"
+    raw = reader.required(
+        name, "set HOSTNAME (or PUBLIC_HOSTNAME) to your public URL, e.g. HOSTNAME=https://abc.ngrok.app"
+    )
+    text = raw.strip()
+    has_scheme = "://" in text
+    parts = urlsplit(text if has_scheme else f"https://{text}")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https", "ws", "wss"):
+        raise ConfigError(f"{name}={raw!r} has scheme {scheme!r}: use https://your-host (or http:// for local tests)")
+    if not parts.hostname or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"{name}={raw!r} is not a plain public URL: use e.g. {name}=https://abc.ngrok.app")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} has an invalid port: use e.g. {name}=https://example.com:8443") from None
+    prefix = parts.path.rstrip("/")
+    base = PublicBase(secure=scheme in ("https", "wss"), host=parts.netloc.lower(), prefix=prefix)
+    warning = None
+    host = parts.hostname
+    if not has_scheme and "." not in host and host != "localhost" and ":" not in host:
+        warning = (
+            f"{name}={raw!r} looks like this machine's own name, not a public URL: Twilio would be "
+            f"told to open {base.ws_url('/media-stream/…')}. Set PUBLIC_HOSTNAME=https://your-public-host."
+        )
+    return base, warning
+
+
+class EnvReader:
+    """Typed access to variables; empty strings count as unset (as in a copied .env.example)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def optional(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def required(self, name: str, fix: str) -> str:
+        value = self.optional(name)
+        if value is None:
+            raise ConfigError(f"{name} is not set: {fix}")
+        return value
+
+    def text(self, name: str, default: str) -> str:
+        value = self._env.get(name)
+        return default if value is None or not value.strip() else value
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.optional(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a whole number: use e.g. {name}={default}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name}={number} is out of range: use a value from {low} to {high}")
+        return number
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.optional(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a number: use e.g. {name}={default:g}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name}={number:g} is out of range: use a value from {low:g} to {high:g}")
+        return number
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.optional(name)
+        if value is None:
+            return default
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean: use {name}=true or {name}=false")
+
+    def voice(self, name: str, default: str) -> str:
+        value = self.optional(name)
+        if value is None:
+            return default
+        if not _VOICE.match(value):
+            hint = f" (voice names are case-sensitive: try {name}={value.lower()})" if value != value.lower() else ""
+            raise ConfigError(f"{name}={value!r} is not a voice id: use a lower-case name such as {name}=ivy{hint}")
+        return value
+
+    def e164(self, name: str) -> str | None:
+        value = self.optional(name)
+        return None if value is None else check_e164(name, value)
+
+    def account_sid(self, name: str) -> str | None:
+        value = self.optional(name)
+        if value is not None and not _ACCOUNT_SID.match(value):
+            raise ConfigError(f"{name}={value!r} is not an Account SID: copy it from the Twilio console (AC + 32 hex digits)")
+        return value
+
+
+def check_e164(name: str, value: str) -> str:
+    """Return ``value`` if it is an E.164 number, else raise a one-line ConfigError naming ``name``."""
+    if not _E164.match(value):
+        raise ConfigError(f"{name}={value!r} is not an E.164 phone number: use e.g. {name}=+14155550100")
+    return value

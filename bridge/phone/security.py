@@ -1,0 +1,99 @@
+"""Twilio request signatures and stream tokens (pure; no I/O).
+
+- Signatures: ``X-Twilio-Signature`` checked with the ``twilio`` library's validator against the
+  *public* URL from configuration (never the Host header). For the Media Streams upgrade the
+  signed string is the ``wss://`` URL from our TwiML with no params (reference twilio.md §4.2).
+- Stream tokens: the id in ``/media-stream/<token>`` is minted by the signed webhook: an HMAC over
+  direction, CallSid, expiry and a nonce with the server secret. Stateless, so any instance with
+  the same secret accepts it; single use is enforced per process by :class:`TokenLedger`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from twilio.request_validator import RequestValidator
+
+Direction = Literal["inbound", "outbound"]
+_TOKEN = re.compile(r"^(i|o)\.(CA[0-9a-fA-F]{32})\.(\d{1,12})\.([0-9a-f]{16})\.([0-9a-f]{32})$")
+_MAX_TOKEN_CHARS = 128
+
+
+class SignatureChecker:
+    """Validates ``X-Twilio-Signature`` headers for one auth token."""
+
+    def __init__(self, auth_token: str) -> None:
+        self._validator = RequestValidator(auth_token)
+
+    def valid(self, url: str, params: Mapping[str, Any] | None, signature: str | None) -> bool:
+        """True if ``signature`` is Twilio's for ``url`` (+ form ``params``). Never raises."""
+        if not signature or len(signature) > 256:
+            return False
+        try:
+            return bool(self._validator.validate(url, params or {}, signature))
+        except (TypeError, ValueError, UnicodeError):
+            return False
+
+    def sign(self, url: str, params: Mapping[str, Any] | None = None) -> str:
+        """What Twilio would send: for tests and the call simulator."""
+        return str(self._validator.compute_signature(url, params or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGrant:
+    """What a valid stream token says: which call may open this stream, until when."""
+
+    token: str
+    call_sid: str
+    direction: Direction
+    expires_at: int
+
+
+def mint_token(secret: bytes, call_sid: str, direction: Direction, *, now: float, ttl_s: float) -> str:
+    """A short-lived, unguessable stream id bound to ``call_sid``. URL-path safe."""
+    expiry = int(now + ttl_s)
+    body = f"{direction[0]}.{call_sid}.{expiry}.{secrets.token_hex(8)}"
+    return f"{body}.{_mac(secret, body)}"
+
+
+def check_token(secret: bytes, token: str, *, now: float) -> StreamGrant | str:
+    """The grant, or a short reason why the token is refused (malformed, forged, expired)."""
+    if len(token) > _MAX_TOKEN_CHARS:
+        return "malformed"
+    match = _TOKEN.match(token)
+    if match is None:
+        return "malformed"
+    body, mac = token.rsplit(".", 1)
+    if not hmac.compare_digest(mac, _mac(secret, body)):
+        return "bad signature"
+    expiry = int(match.group(3))
+    if now > expiry:
+        return "expired"
+    direction: Direction = "inbound" if match.group(1) == "i" else "outbound"
+    return StreamGrant(token, match.group(2), direction, expiry)
+
+
+class TokenLedger:
+    """Remembers used tokens until they expire, so each opens at most one stream per process."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+
+    def claim(self, grant: StreamGrant, *, now: float) -> bool:
+        """True the first time a grant is claimed; False for a replay."""
+        if len(self._used) > 1024:
+            self._used = {t: exp for t, exp in self._used.items() if exp >= now}
+        if grant.token in self._used:
+            return False
+        self._used[grant.token] = grant.expires_at
+        return True
+
+
+def _mac(secret: bytes, body: str) -> str:
+    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()[:32]

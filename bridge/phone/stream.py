@@ -1,0 +1,84 @@
+"""Where a Twilio frame enters and leaves: the ``/media-stream/<token>`` WebSocket.
+
+This one route is a raw ASGI handler inside the same Hypercorn server as the Quart-Trio webhooks:
+per-message it needs none of Quart's request machinery, and skipping it saves a task hop and a
+queue per frame (see BENCHMARKS.md). Everything is checked *before* the handshake is accepted —
+signature, token, replay, capacity — so a refused stream never opens an upstream session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from bridge.agent.connection import SocketClosed
+
+log = logging.getLogger("bridge.phone")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+STREAM_PREFIX = "/media-stream/"
+
+
+class AsgiPhoneSocket:
+    """The Twilio Media Streams socket, as the session's message socket."""
+
+    __slots__ = ("_closed", "_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    async def receive(self) -> str | bytes | None:
+        """Next message from Twilio; ``None`` once Twilio has disconnected."""
+        if self._closed:
+            return None
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text = message.get("text")
+            if text is not None:
+                return str(text)
+            return bytes(message.get("bytes") or b"")
+        self._closed = True  # websocket.disconnect
+        return None
+
+    async def send(self, text: str) -> None:
+        """Send one frame to Twilio; raises :class:`SocketClosed` once the socket is gone."""
+        if self._closed:
+            raise SocketClosed("Twilio socket closed")
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._closed = True
+            raise SocketClosed(str(exc)) from exc
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Close the stream (Twilio then runs the TwiML after ``</Connect>``). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._send({"type": "websocket.close", "code": code})
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header from an ASGI scope (names are lower-case there)."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def reject(send: Send, status: int = 403) -> None:
+    """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response)."""
+    await send({"type": "websocket.http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")]})
+    await send({"type": "websocket.http.response.body", "body": b"Forbidden"})

@@ -1,0 +1,343 @@
+"""The HTTP surface: Quart-Trio webhooks, and the Media Streams route handed to ``phone/stream``.
+
+Routes: ``POST /twiml``, ``POST /outbound-twiml``, ``POST /call-status``, ``POST /stream-status``,
+``GET /healthz``, ``GET /metrics``, ``WS /media-stream/<token>``. Thin: each validates (signature
+against the configured public URL, never the Host header) and hands off.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from bridge.agent import events as ag
+from bridge.agent.connection import AgentEndpoint, open_agent_socket
+from bridge.agent.tools import ToolRegistry, load_tools
+from bridge.builtin_tools import call_control_definitions
+from bridge.call.context import CallContext
+from bridge.call.persona import SessionHook, load_session_hook, resolve_session
+from bridge.call.registry import CallRegistry
+from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup
+from bridge.call.state import CallPolicy
+from bridge.config import Settings
+from bridge.observe import Metrics
+from bridge.phone import twiml
+from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token, mint_token
+from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
+
+log = logging.getLogger("bridge.web")
+
+_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+_MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook bodies are ~1-2 KB
+_CALL_STATUS_LOG = {"busy": logging.WARNING, "failed": logging.WARNING, "no-answer": logging.WARNING,
+                    "canceled": logging.WARNING}
+
+
+@dataclass
+class Collaborators:
+    """What the app talks to; tests swap these without monkeypatching."""
+
+    connect_agent: AgentConnector
+    control: CallControl | None = None
+    tools: ToolRegistry = field(default_factory=ToolRegistry)
+    session_hook: SessionHook | None = None
+    wall_clock: Callable[[], float] = time.time
+
+
+@dataclass
+class CallOutcomeRecord:
+    call_sid: str
+    status: str
+    duration_s: str | None = None
+    sip_code: str | None = None
+    direction: str | None = None
+
+
+class BridgeApp:
+    """The ASGI application: the media-stream WebSocket goes to the raw handler, the rest to Quart."""
+
+    def __init__(self, settings: Settings, collaborators: Collaborators, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.deps = collaborators
+        self.calls = CallRegistry(settings.max_concurrent_calls)
+        self.metrics = metrics or Metrics(live_stats=self._live_stats)
+        self.tokens = TokenLedger()
+        self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
+        self.call_outcomes: dict[str, CallOutcomeRecord] = {}
+        self.quart = _build_quart(self)
+        self._sessions: dict[str, CallSession] = {}
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"].startswith(STREAM_PREFIX):
+            await self.media_stream(scope, receive, send)
+        else:
+            await self.quart(scope, receive, send)
+
+    def _live_stats(self) -> list[object]:
+        return [s.stats for s in self._sessions.values()]
+
+    @property
+    def active_calls(self) -> int:
+        return len(self._sessions)
+
+    def start_drain(self) -> None:
+        """Stop taking calls: /healthz turns 503, webhooks answer busy, streams are refused."""
+        self.calls.start_drain()
+
+    def end_all_calls(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            session.request_end(reason)
+
+    # --- the Media Streams route ------------------------------------------------------------
+
+    async def media_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the upgrade, then run the call. Refusals happen before the handshake is accepted."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        raw_path = bytes(scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        token = raw_path[len(STREAM_PREFIX):]
+        query = bytes(scope.get("query_string") or b"").decode("latin-1")
+        signed_url = self.settings.public.ws_url(raw_path + (f"?{query}" if query else ""))
+        grant_or_reason = self._check_stream(scope, token, signed_url)
+        if isinstance(grant_or_reason, str):
+            self.metrics.rejected_streams.labels(grant_or_reason).inc()
+            log.warning("refused a Media Stream before accept: %s", grant_or_reason)
+            await reject(send, 403)
+            return
+        grant = grant_or_reason
+        call_id = "c-" + secrets.token_hex(4)
+        setup = self._call_setup(call_id, grant)
+        phone = AsgiPhoneSocket(receive, send)
+        session = CallSession(setup, phone, self.deps.connect_agent)
+        if not self.calls.admit(grant.token, call_id, session, now=self.deps.wall_clock()):
+            self.metrics.rejected_streams.labels("capacity").inc()
+            log.warning("refused a Media Stream: at capacity (%d calls) or draining", self.calls.max_calls)
+            await reject(send, 403)
+            return
+        await send({"type": "websocket.accept"})
+        self._sessions[call_id] = session
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        try:
+            await session.run()
+        finally:
+            self._sessions.pop(call_id, None)
+            self.calls.release(call_id)
+            if not self._sessions:
+                self.idle.set()
+
+    def _check_stream(self, scope: Scope, token: str, signed_url: str) -> StreamGrant | str:
+        if self.signatures is not None:
+            signature = header(scope, b"x-twilio-signature")
+            if not self.signatures.valid(signed_url, {}, signature):
+                return "bad signature" if signature else "missing signature"
+        now = self.deps.wall_clock()
+        grant = check_token(self.settings.stream_token_secret, token, now=now)
+        if isinstance(grant, str):
+            return f"token {grant}"
+        if not self.tokens.claim(grant, now=now):
+            return "token replayed"
+        return grant
+
+    def _call_setup(self, call_id: str, grant: StreamGrant) -> CallSetup:
+        s = self.settings
+        outbound = grant.direction == "outbound"
+        persona = s.outbound if outbound else s.inbound
+        transfer_numbers = tuple(dict.fromkeys(n for n in (s.transfer_number, *s.transfer_allowlist) if n))
+        policy = CallPolicy(
+            ready_timeout_s=s.session_ready_timeout_s,
+            max_call_s=s.max_call_seconds,
+            end_call_deadline_s=s.end_call_deadline_s,
+            end_call_enabled=s.end_call_tool,
+            transfer_numbers=transfer_numbers,
+            outbound=outbound,
+            greeting_pad_ms=s.outbound_greeting_delay_ms if outbound else 0,
+            voice=persona.voice,
+        )
+        control_tools = call_control_definitions(s.end_call_tool, transfer_numbers)
+        tools, hook = self.deps.tools, self.deps.session_hook
+
+        async def session_config(context: CallContext) -> ag.SessionConfig:
+            return await resolve_session(
+                hook=hook, context=context, persona=persona, registry=tools, extra_tools=control_tools
+            )
+
+        return CallSetup(
+            call_id=call_id,
+            direction=grant.direction,
+            policy=policy,
+            session_config=session_config,
+            expected_call_sid=grant.call_sid,
+            tools=tools,
+            tool_timeout_s=s.tool_timeout_s,
+            control=self.deps.control,
+            metrics=self.metrics,
+        )
+
+    # --- webhooks -----------------------------------------------------------------------------
+
+    async def verified_form(self, route: str) -> tuple[dict[str, str], Response | None]:
+        """The webhook's form, or a 4xx response if it is too big or not signed by Twilio."""
+        if (request.content_length or 0) > _MAX_FORM_BYTES:
+            self.metrics.webhooks.labels(route, "too_large").inc()
+            return {}, Response("Request too large\n", status=413, mimetype="text/plain")
+        try:
+            form = await request.form
+        except Exception:  # noqa: BLE001 - any undecodable body is the sender's fault
+            self.metrics.webhooks.labels(route, "bad_request").inc()
+            return {}, Response("Unreadable form body\n", status=400, mimetype="text/plain")
+        if self.signatures is not None:
+            query = request.query_string.decode("latin-1")
+            url = self.settings.public.http_url(request.path + (f"?{query}" if query else ""))
+            if not self.signatures.valid(url, form, request.headers.get("X-Twilio-Signature")):
+                self.metrics.webhooks.labels(route, "forbidden").inc()
+                log.warning("refused %s: missing or invalid X-Twilio-Signature", route)
+                return {}, Response("Forbidden\n", status=403, mimetype="text/plain")
+        self.metrics.webhooks.labels(route, "ok").inc()
+        return {k: form.get(k, "") for k in form}, None
+
+    def stream_twiml(self, form: dict[str, str], direction: Literal["inbound", "outbound"]) -> Response:
+        s = self.settings
+        call_sid = form.get("CallSid", "")
+        now = self.deps.wall_clock()
+        if not _CALL_SID.match(call_sid):
+            return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
+        token = mint_token(s.stream_token_secret, call_sid, direction, now=now, ttl_s=s.stream_token_ttl_s)
+        if not self.calls.reserve(token, expires_at=now + s.stream_token_ttl_s, now=now):
+            log.warning("call %s refused: %s", call_sid, "draining" if self.calls.draining else "at capacity")
+            return _xml(twiml.say_and_hang_up(s.busy_message))
+        params = {"CallSid": call_sid, "From": form.get("From", ""), "To": form.get("To", ""), "Direction": direction}
+        document = twiml.connect_stream(
+            s.public.ws_url(STREAM_PREFIX + token),
+            parameters=params,
+            status_callback=s.public.http_url("/stream-status"),
+            fallback_message=s.fallback_message,
+            fallback_twiml_url=s.fallback_twiml_url,
+        )
+        log.info("%s call %s from %s to %s: streaming", direction, call_sid, form.get("From", "?"), form.get("To", "?"))
+        return _xml(document)
+
+
+def _xml(document: str) -> Response:
+    return Response(document, status=200, mimetype="text/xml")
+
+
+def _build_quart(app: BridgeApp) -> QuartTrio:
+    quart = QuartTrio("bridge")
+    quart.config["MAX_CONTENT_LENGTH"] = _MAX_FORM_BYTES
+
+    @quart.post("/twiml")
+    async def inbound_twiml() -> Response:
+        form, refusal = await app.verified_form("/twiml")
+        return refusal or app.stream_twiml(form, "inbound")
+
+    @quart.post("/outbound-twiml")
+    async def outbound_twiml() -> Response:
+        form, refusal = await app.verified_form("/outbound-twiml")
+        return refusal or app.stream_twiml(form, "outbound")
+
+    @quart.post("/call-status")
+    async def call_status() -> Response:
+        form, refusal = await app.verified_form("/call-status")
+        if refusal:
+            return refusal
+        record = CallOutcomeRecord(
+            call_sid=form.get("CallSid", "")[:64],
+            status=form.get("CallStatus", "")[:32],
+            duration_s=form.get("CallDuration") or None,
+            sip_code=form.get("SipResponseCode") or None,
+            direction=form.get("Direction") or None,
+        )
+        if record.call_sid:
+            if len(app.call_outcomes) > 10_000:
+                app.call_outcomes.pop(next(iter(app.call_outcomes)))
+            app.call_outcomes[record.call_sid] = record
+        event = form.get("StatusCallbackEvent") or record.status
+        level = _CALL_STATUS_LOG.get(record.status, logging.INFO)
+        extra = "".join(
+            f" {k}={v}" for k, v in (("duration", record.duration_s), ("sip", record.sip_code)) if v
+        )
+        hint = " (the callee did not pick up)" if record.status in ("busy", "no-answer") else ""
+        log.log(level, "call %s status %s (event %s)%s%s", record.call_sid, record.status, event, extra, hint)
+        return Response("", status=204)
+
+    @quart.post("/stream-status")
+    async def stream_status() -> Response:
+        form, refusal = await app.verified_form("/stream-status")
+        if refusal:
+            return refusal
+        event = form.get("StreamEvent", "")
+        level = logging.WARNING if event == "stream-error" else logging.INFO
+        error = form.get("StreamError", "")
+        log.log(level, "call %s stream %s%s", form.get("CallSid", "?"), event or "?", f": {error}" if error else "")
+        return Response("", status=204)
+
+    @quart.get("/healthz")
+    async def healthz() -> Response:
+        if app.calls.draining:
+            return Response('{"status":"draining"}', status=503, mimetype="application/json")
+        return Response(
+            f'{{"status":"ok","active_calls":{app.active_calls}}}', status=200, mimetype="application/json"
+        )
+
+    @quart.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.metrics.render(), status=200, mimetype="text/plain; version=0.0.4")
+
+    @quart.errorhandler(404)
+    async def not_found(_: Exception) -> Response:
+        return Response("Not found\n", status=404, mimetype="text/plain")
+
+    @quart.errorhandler(405)
+    async def not_allowed(_: Exception) -> Response:
+        return Response("Method not allowed\n", status=405, mimetype="text/plain")
+
+    @quart.errorhandler(Exception)
+    async def internal(exc: Exception) -> Response:
+        log.exception("webhook failed: %s", type(exc).__name__)
+        return Response("Internal error\n", status=500, mimetype="text/plain")
+
+    return quart
+
+
+def default_collaborators(settings: Settings) -> Collaborators:
+    """Production wiring: the real Voice Agent endpoint, Twilio REST when configured, user tools."""
+    endpoint = AgentEndpoint(
+        url=settings.voice_agent_url,
+        api_key=settings.assemblyai_api_key,
+        max_message_bytes=settings.max_agent_frame_bytes,
+    )
+
+    async def connect(nursery: trio.Nursery) -> Any:
+        return await open_agent_socket(nursery, endpoint)
+
+    control: CallControl | None = None
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        from bridge.phone.rest import TwilioRest
+
+        control = TwilioRest(settings.twilio_account_sid, settings.twilio_auth_token)
+    return Collaborators(
+        connect_agent=connect,
+        control=control,
+        tools=load_tools(settings.tools_module),
+        session_hook=load_session_hook(settings.session_hook),
+    )
+
+
+def create_app(settings: Settings, collaborators: Collaborators | None = None) -> BridgeApp:
+    """Build the ASGI app with its collaborators injected (tests pass fakes)."""
+    return BridgeApp(settings, collaborators or default_collaborators(settings))
+
+
+__all__ = ["BridgeApp", "Collaborators", "create_app", "default_collaborators"]

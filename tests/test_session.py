@@ -1,0 +1,408 @@
+"""CallSession with in-memory sockets on Trio's MockClock: deterministic, no network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from bridge.agent import events as ag
+from bridge.agent.tools import ToolRegistry, tool
+from bridge.call.context import CallContext
+from bridge.call.session import CallSession, CallSetup
+from bridge.call.state import CallPolicy, Outcome
+from tests.fakes import CALL_SID, STREAM_SID, AgentConnector, Peer, TwilioScript, ev, payload, ready, socket_pair
+
+CONFIG = ag.SessionConfig(system_prompt="Be brief.", greeting="Hello!", voice="ivy", tools=())
+
+
+@tool
+async def slow_lookup(order_id: str) -> dict[str, str]:
+    """Look up an order."""
+    await trio.sleep(1.5)
+    return {"order_id": order_id, "status": "shipped"}
+
+
+@tool
+async def stuck_lookup() -> str:
+    """Never answers in time."""
+    await trio.sleep(60)
+    return "late"
+
+
+@tool
+async def broken(x: int) -> str:
+    """Always fails."""
+    raise RuntimeError("database is down")
+
+
+@tool
+async def whoami(context: CallContext) -> str:
+    """Who is calling."""
+    return context.from_number
+
+
+def make_setup(**policy: Any) -> CallSetup:
+    async def session_config(context: CallContext) -> ag.SessionConfig:
+        return CONFIG
+
+    registry = ToolRegistry()
+    for fn in (slow_lookup, stuck_lookup, broken, whoami):
+        registry.add(fn.__bridge_tool__)  # type: ignore[attr-defined]
+    return CallSetup(
+        call_id="c-test",
+        direction="inbound",
+        policy=CallPolicy(**policy),
+        session_config=session_config,
+        expected_call_sid=CALL_SID,
+        tools=registry,
+        tool_timeout_s=2.0,
+    )
+
+
+class Call:
+    """A running session plus the two peers a test drives."""
+
+    def __init__(self, nursery: trio.Nursery, setup: CallSetup | None = None) -> None:
+        self.phone_sock, self.twilio = socket_pair()
+        self.connector = AgentConnector()
+        self.session = CallSession(setup or make_setup(), self.phone_sock, self.connector)
+        self.script = TwilioScript()
+        self.summary: Any = None
+        self.done = trio.Event()
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        self.summary = await self.session.run()
+        self.done.set()
+
+    async def start(self) -> Peer:
+        """connected + start from Twilio, session.update answered with ready. Returns the agent peer."""
+        await self.twilio.send(self.script.connected())
+        await self.twilio.send(self.script.start())
+        agent = await self.connector.peer()
+        update = await agent.receive()
+        assert update is not None and update["type"] == "session.update"
+        await agent.send(ready())
+        await trio.testing.wait_all_tasks_blocked()
+        return agent
+
+    async def twilio_frames(self) -> list[dict[str, Any]]:
+        await trio.testing.wait_all_tasks_blocked()
+        out = []
+        while True:
+            try:
+                text = self.twilio.from_bridge.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return out
+            out.append(orjson.loads(text))
+
+
+async def drain(peer: Peer) -> list[dict[str, Any]]:
+    await trio.testing.wait_all_tasks_blocked()
+    out = []
+    while True:
+        try:
+            text = peer.from_bridge.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return out
+        out.append(orjson.loads(text))
+
+
+async def test_happy_path_forwards_audio_both_ways_byte_identical(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    sent = [payload(i) for i in range(20)]
+    for data in sent:
+        await call.twilio.send(call.script.media(data))
+    upstream = await drain(agent)
+    assert [e["audio"] for e in upstream if e["type"] == "input.audio"] == sent
+    assert all(set(e) == {"type", "audio"} for e in upstream)
+
+    replies = [payload(1000 + i, 300) for i in range(5)]
+    await agent.send(ev("reply.started", reply_id="r1"))
+    for data in replies:
+        await agent.send(ev("reply.audio", reply_id="r1", data=data))
+    frames = await call.twilio_frames()
+    assert frames == [{"event": "media", "streamSid": STREAM_SID, "media": {"payload": d}} for d in replies]
+
+
+async def test_session_update_carries_pcmu_both_ways_and_no_audio_before_ready(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    call = Call(nursery)
+    await call.twilio.send(call.script.start())
+    agent = await call.connector.peer()
+    update = await agent.receive()
+    assert update == {
+        "type": "session.update",
+        "session": {
+            "system_prompt": "Be brief.", "greeting": "Hello!", "tools": [],
+            "input": {"type": "audio", "format": {"encoding": "audio/pcmu"}},
+            "output": {"type": "audio", "voice": "ivy", "format": {"encoding": "audio/pcmu"}},
+        },
+    }
+    await call.twilio.send(call.script.media(payload(1)))
+    assert await drain(agent) == []  # not before session.ready
+    await agent.send(ready())
+    await call.twilio.send(call.script.media(payload(2)))
+    assert [e["audio"] for e in await drain(agent)] == [payload(2)]
+    assert call.session.stats.frames_dropped_pre_ready == 1
+
+
+async def test_barge_in_clears_at_once_and_drops_the_interrupted_reply(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("reply.audio", reply_id="r1", data=payload(1)))
+    assert len(await call.twilio_frames()) == 1
+    await agent.send(ev("input.speech.started"))
+    await agent.send(ev("reply.audio", reply_id="r1", data=payload(2)))  # late audio of the cut reply
+    await agent.send(ev("reply.done", reply_id="r1", status="interrupted"))
+    frames = await call.twilio_frames()
+    assert frames[0] == {"event": "clear", "streamSid": STREAM_SID}
+    assert all(f["event"] == "clear" for f in frames)
+    assert call.session.stats.barge_ins == 1
+    await agent.send(ev("reply.started", reply_id="r2"))
+    await agent.send(ev("reply.audio", reply_id="r2", data=payload(3)))
+    assert await call.twilio_frames() == [{"event": "media", "streamSid": STREAM_SID, "media": {"payload": payload(3)}}]
+
+
+async def test_audio_queued_before_a_clear_is_never_sent(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    # The state machine tags audio with the playback epoch; a clear bumps it.
+    call.session._apply(call.session.state.on_agent(ag.ReplyAudio("r1", payload(1)), 0.0))
+    call.session._apply(call.session.state.on_agent(ag.SpeechStarted(), 0.0))
+    frames = await call.twilio_frames()
+    assert frames == [{"event": "clear", "streamSid": STREAM_SID}]
+    del agent
+
+
+async def test_tool_round_trip_result_after_reply_done(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("tool.call", call_id="t1", name="slow_lookup", arguments={"order_id": "42"}))
+    await agent.send(ev("reply.done", reply_id="r1", status="completed"))
+    # Audio keeps flowing while the tool runs.
+    await call.twilio.send(call.script.media(payload(7)))
+    assert [e["type"] for e in await drain(agent)] == ["input.audio"]
+    start = trio.current_time()
+    result = await agent.receive()
+    assert trio.current_time() - start == pytest.approx(1.5)
+    assert result == {"type": "tool.result", "call_id": "t1", "is_error": False,
+                      "result": '{"order_id":"42","status":"shipped"}'}
+
+
+async def test_tool_result_held_until_reply_done(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("tool.call", call_id="t1", name="whoami", arguments={}))
+    await trio.sleep(1)
+    assert await drain(agent) == []  # finished, but reply.done is not the latest event yet
+    await agent.send(ev("reply.done", reply_id="r1", status="completed"))
+    assert await drain(agent) == [{"type": "tool.result", "call_id": "t1", "result": "+14155550123", "is_error": False}]
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "expected"),
+    [
+        ("nope", {}, "unknown tool 'nope'"),
+        ("broken", {"x": 1}, "RuntimeError: database is down"),
+        ("broken", {"x": "ten"}, "expected integer"),
+        ("stuck_lookup", {}, "timed out after 2 s"),
+    ],
+)
+async def test_failing_tools_give_the_agent_an_error_and_the_call_goes_on(
+    nursery: trio.Nursery, autojump_clock: Any, name: str, arguments: dict[str, Any], expected: str
+) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("tool.call", call_id="t9", name=name, arguments=arguments))
+    result = await agent.receive()
+    assert result is not None and result["type"] == "tool.result" and result["is_error"] is True
+    assert expected in orjson.loads(result["result"])["error"]
+    await call.twilio.send(call.script.media(payload(1)))
+    assert [e["type"] for e in await drain(agent)] == ["input.audio"]
+    assert not call.done.is_set()
+
+
+async def test_hangup_sends_session_end_and_every_task_finishes_within_a_second(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await call.twilio.send(call.script.stop())
+    end = await agent.receive()
+    assert end == {"type": "session.end"}
+    t0 = trio.current_time()
+    await agent.send(ev("session.ended", session_duration_seconds=3.2, audio_duration_seconds=None))
+    agent.close()
+    await call.done.wait()
+    assert trio.current_time() - t0 < 1.0
+    assert call.summary.outcome is Outcome.CALLER_HUNG_UP
+    assert call.connector.sockets[0].closed and call.phone_sock.closed
+
+
+async def test_closed_twilio_socket_without_stop_still_ends_the_upstream_session(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    call.twilio.close()
+    assert await agent.receive() == {"type": "session.end"}
+    t0 = trio.current_time()
+    await call.done.wait()  # no session.ended: the goodbye wait is bounded
+    assert trio.current_time() - t0 <= 1.0
+    assert call.connector.sockets[0].closed
+
+
+async def test_upstream_close_closes_the_twilio_socket(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    agent.close()
+    await call.done.wait()
+    assert call.phone_sock.closed
+    assert call.summary.outcome is Outcome.UPSTREAM_FAILED
+    assert all(e["type"] != "session.end" for e in await drain(agent))
+
+
+async def test_session_ended_upstream_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("session.ended", session_duration_seconds=1.0, audio_duration_seconds=None))
+    await call.done.wait()
+    assert call.phone_sock.closed and call.summary.outcome is Outcome.UPSTREAM_FAILED
+
+
+async def test_fatal_session_error_ends_the_call_non_fatal_does_not(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("session.error", code="invalid_audio", message="bad base64"))
+    await trio.sleep(1)
+    assert not call.done.is_set()
+    await agent.send(ev("session.error", code="SESSION_EXPIRED", message="cap"))
+    await call.done.wait()
+    assert call.summary.outcome is Outcome.UPSTREAM_FAILED
+
+
+async def test_never_ready_upstream_ends_the_call_after_the_deadline(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery, make_setup(ready_timeout_s=10.0))
+    await call.twilio.send(call.script.start())
+    agent = await call.connector.peer()
+    await agent.receive()  # session.update, never answered
+    t0 = trio.current_time()
+    await call.done.wait()
+    assert 10.0 <= trio.current_time() - t0 <= 11.5
+    assert call.connector.sockets[0].closed and call.phone_sock.closed
+    assert {"type": "session.end"} in await drain(agent)
+
+
+async def test_wrong_call_sid_in_start_closes_before_any_upstream(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    call.script = TwilioScript(call_sid="CA" + "0" * 32)
+    await call.twilio.send(call.script.start())
+    await call.done.wait()
+    assert call.connector.peers == []
+    assert call.summary.outcome is Outcome.REJECTED
+
+
+async def test_unreachable_agent_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    from bridge.errors import UpstreamError
+
+    call = Call(nursery)
+    call.connector.fail_with = UpstreamError("connect_failed", "nope", retryable=False)
+    await call.twilio.send(call.script.start())
+    await call.done.wait()
+    assert call.summary.outcome is Outcome.UPSTREAM_FAILED and call.phone_sock.closed
+
+
+async def test_at_capacity_is_retried_with_backoff(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    await call.twilio.send(call.script.start())
+    first = await call.connector.peer()
+    await first.receive()
+    await first.send(ev("session.error", code="at_capacity", message="busy"))
+    first.close()
+    while len(call.connector.peers) < 2:
+        await trio.sleep(0.05)
+    second = call.connector.peers[1]
+    assert (await second.receive() or {})["type"] == "session.update"
+    await second.send(ready())
+    await call.twilio.send(call.script.media(payload(1)))
+    assert [e["type"] for e in await drain(second)] == ["input.audio"]
+
+
+async def test_end_call_hangs_up_only_after_the_goodbye_mark_is_played(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    hung_up: list[str] = []
+
+    class Control:
+        async def hang_up(self, call_sid: str) -> None:
+            hung_up.append(call_sid)
+
+        async def update_twiml(self, call_sid: str, twiml: str) -> None:
+            raise AssertionError("no transfer here")
+
+    setup = make_setup()
+    setup.control = Control()
+    call = Call(nursery, setup)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="bye"))
+    await agent.send(ev("reply.audio", reply_id="bye", data=payload(1)))
+    await agent.send(ev("tool.call", call_id="t1", name="end_call", arguments={}))
+    await agent.send(ev("reply.audio", reply_id="bye", data=payload(2)))
+    await agent.send(ev("reply.done", reply_id="bye", status="completed"))
+    frames = await call.twilio_frames()
+    assert [f["event"] for f in frames] == ["media", "media", "mark"]
+    await trio.sleep(1)
+    assert hung_up == []  # not before Twilio says the goodbye was played
+    await call.twilio.send(call.script.mark(frames[-1]["mark"]["name"]))
+    await call.done.wait()
+    assert hung_up == [CALL_SID]
+    assert call.summary.outcome is Outcome.AGENT_ENDED
+
+
+async def test_a_cleared_goodbye_mark_does_not_hang_up(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    hung_up: list[str] = []
+
+    class Control:
+        async def hang_up(self, call_sid: str) -> None:
+            hung_up.append(call_sid)
+
+        async def update_twiml(self, call_sid: str, twiml: str) -> None: ...
+
+    setup = make_setup()
+    setup.control = Control()
+    call = Call(nursery, setup)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="bye"))
+    await agent.send(ev("reply.audio", reply_id="bye", data=payload(1)))
+    await agent.send(ev("tool.call", call_id="t1", name="end_call", arguments={}))
+    await agent.send(ev("reply.done", reply_id="bye", status="completed"))
+    mark = (await call.twilio_frames())[-1]["mark"]["name"]
+    await agent.send(ev("input.speech.started"))  # caller barges in over the goodbye
+    assert (await call.twilio_frames())[0]["event"] == "clear"
+    await call.twilio.send(call.script.mark(mark))  # Twilio echoes the flushed mark
+    await trio.sleep(30)
+    assert hung_up == [] and not call.done.is_set()
+
+
+async def test_outside_cancellation_still_closes_both_sockets(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    phone_sock, twilio = socket_pair()
+    connector = AgentConnector()
+    session = CallSession(make_setup(), phone_sock, connector)
+    with trio.move_on_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(session.run)
+            script = TwilioScript()
+            await twilio.send(script.start())
+            agent = await connector.peer()
+            await agent.receive()
+            await agent.send(ready())
+    assert phone_sock.closed and connector.sockets[0].closed
+    assert {"type": "session.end"} in await drain(agent)
