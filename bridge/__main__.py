@@ -58,7 +58,7 @@ def _serve(*, check_only: bool) -> int:
         async with trio.open_nursery() as nursery:
             exit_code = 0
 
-            async def serving(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serving(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 nonlocal exit_code
                 exit_code = await serve(app, settings, task_status=task_status)
 

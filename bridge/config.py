@@ -27,9 +27,7 @@ DEFAULT_SYSTEM_PROMPT = (
 DEFAULT_GREETING = "Hi, thanks for calling. How can I help?"
 DEFAULT_OUTBOUND_GREETING = "Hi, this is an automated assistant calling. Do you have a moment?"
 DEFAULT_VOICE = "ivy"
-DEFAULT_FALLBACK_MESSAGE = (
-    "Sorry, our assistant is not available right now. Please try again later. Goodbye."
-)
+DEFAULT_FALLBACK_MESSAGE = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 DEFAULT_BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes."
 
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
@@ -130,10 +128,8 @@ class Settings:
             f"  TWILIO_ACCOUNT_SID    {self.twilio_account_sid or '(not set)'}",
             f"  TWILIO_AUTH_TOKEN     {mask(self.twilio_auth_token) if self.twilio_auth_token else '(not set)'}",
             f"  TWILIO_PHONE_NUMBER   {self.twilio_phone_number or '(not set)'}",
-            f"  stream tokens         secret {self.stream_token_secret_source}, "
-            f"valid {self.stream_token_ttl_s:g} s",
-            f"  limits                {self.max_concurrent_calls} calls, "
-            f"{self.max_call_seconds:g} s per call",
+            f"  stream tokens         secret {self.stream_token_secret_source}, valid {self.stream_token_ttl_s:g} s",
+            f"  limits                {self.max_concurrent_calls} calls, {self.max_call_seconds:g} s per call",
         ]
         if self.tools_module:
             lines.append(f"  BRIDGE_TOOLS          {self.tools_module}")
@@ -212,9 +208,7 @@ def from_env(
 
     transfer_number = r.e164("TRANSFER_NUMBER")
     allowlist = tuple(
-        check_e164("TRANSFER_ALLOWLIST", n.strip())
-        for n in r.text("TRANSFER_ALLOWLIST", "").split(",")
-        if n.strip()
+        check_e164("TRANSFER_ALLOWLIST", n.strip()) for n in r.text("TRANSFER_ALLOWLIST", "").split(",") if n.strip()
     )
     fallback_url = r.optional("FALLBACK_TWIML_URL")
     if fallback_url and not fallback_url.startswith(("https://", "http://")):
@@ -390,7 +384,9 @@ class EnvReader:
     def account_sid(self, name: str) -> str | None:
         value = self.optional(name)
         if value is not None and not _ACCOUNT_SID.match(value):
-            raise ConfigError(f"{name}={value!r} is not an Account SID: copy it from the Twilio console (AC + 32 hex digits)")
+            raise ConfigError(
+                f"{name}={value!r} is not an Account SID: copy it from the Twilio console (AC + 32 hex digits)"
+            )
         return value
 
 

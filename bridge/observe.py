@@ -86,9 +86,7 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(callctx)s%(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(callctx)s%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -126,19 +124,31 @@ class Metrics:
         self.upstream_connects = Counter(
             "bridge_upstream_connects", "Voice Agent connect attempts by result", ["result"], registry=r
         )
-        self.upstream_resumes = Counter("bridge_upstream_resumes", "Session resume attempts by result", ["result"], registry=r)
+        self.upstream_resumes = Counter(
+            "bridge_upstream_resumes", "Session resume attempts by result", ["result"], registry=r
+        )
         self.upstream_errors = Counter("bridge_upstream_errors", "session.error events by code", ["code"], registry=r)
         self.barge_ins = Counter("bridge_barge_ins", "Caller barge-ins (playback cleared)", registry=r)
-        self.tool_calls = Counter("bridge_tool_calls", "Tool calls by name and outcome", ["tool", "outcome"], registry=r)
-        self.webhooks = Counter("bridge_webhooks", "Webhook requests by route and result", ["route", "result"], registry=r)
-        self.rejected_streams = Counter("bridge_rejected_streams", "Media Streams refused before accept", ["reason"], registry=r)
+        self.tool_calls = Counter(
+            "bridge_tool_calls", "Tool calls by name and outcome", ["tool", "outcome"], registry=r
+        )
+        self.webhooks = Counter(
+            "bridge_webhooks", "Webhook requests by route and result", ["route", "result"], registry=r
+        )
+        self.rejected_streams = Counter(
+            "bridge_rejected_streams", "Media Streams refused before accept", ["reason"], registry=r
+        )
         self.first_audio = Histogram(
-            "bridge_time_to_first_agent_audio_seconds", "From stream start to the first agent audio sent to Twilio",
-            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10), registry=r,
+            "bridge_time_to_first_agent_audio_seconds",
+            "From stream start to the first agent audio sent to Twilio",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=r,
         )
         self.reply_latency = Histogram(
-            "bridge_reply_latency_seconds", "From input.speech.stopped to the first reply audio",
-            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5), registry=r,
+            "bridge_reply_latency_seconds",
+            "From input.speech.stopped to the first reply audio",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5),
+            registry=r,
         )
         self._finished_frames: dict[tuple[str, str], int] = dict.fromkeys(_FRAME_FIELDS, 0)
         r.register(_FrameCollector(self))

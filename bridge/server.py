@@ -93,7 +93,7 @@ async def serve(
         if handle_signals:
             nursery.start_soon(watch_signals)
         binds = await nursery.start(
-            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop_serving.wait, mode="asgi")
+            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop_serving.wait, mode="asgi")  # type: ignore[arg-type]
         )
         task_status.started(list(binds))
         await stop_serving.wait()

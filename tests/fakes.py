@@ -100,10 +100,15 @@ class TwilioScript:
 
     def start(self, **custom: str) -> dict[str, Any]:
         return {
-            "event": "start", "sequenceNumber": str(next(self._seq)), "streamSid": self.stream_sid,
+            "event": "start",
+            "sequenceNumber": str(next(self._seq)),
+            "streamSid": self.stream_sid,
             "start": {
-                "accountSid": ACCOUNT_SID, "streamSid": self.stream_sid, "callSid": self.call_sid,
-                "tracks": ["inbound"], "customParameters": custom or {"From": "+14155550123", "To": "+14155550100"},
+                "accountSid": ACCOUNT_SID,
+                "streamSid": self.stream_sid,
+                "callSid": self.call_sid,
+                "tracks": ["inbound"],
+                "customParameters": custom or {"From": "+14155550123", "To": "+14155550100"},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             },
         }
@@ -111,21 +116,35 @@ class TwilioScript:
     def media(self, data: str) -> dict[str, Any]:
         chunk = next(self._chunk)
         return {
-            "event": "media", "sequenceNumber": str(next(self._seq)), "streamSid": self.stream_sid,
+            "event": "media",
+            "sequenceNumber": str(next(self._seq)),
+            "streamSid": self.stream_sid,
             "media": {"track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20), "payload": data},
         }
 
     def mark(self, name: str) -> dict[str, Any]:
-        return {"event": "mark", "sequenceNumber": str(next(self._seq)), "streamSid": self.stream_sid,
-                "mark": {"name": name}}
+        return {
+            "event": "mark",
+            "sequenceNumber": str(next(self._seq)),
+            "streamSid": self.stream_sid,
+            "mark": {"name": name},
+        }
 
     def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "dtmf", "sequenceNumber": str(next(self._seq)), "streamSid": self.stream_sid,
-                "dtmf": {"track": "inbound_track", "digit": digit}}
+        return {
+            "event": "dtmf",
+            "sequenceNumber": str(next(self._seq)),
+            "streamSid": self.stream_sid,
+            "dtmf": {"track": "inbound_track", "digit": digit},
+        }
 
     def stop(self) -> dict[str, Any]:
-        return {"event": "stop", "sequenceNumber": str(next(self._seq)), "streamSid": self.stream_sid,
-                "stop": {"accountSid": ACCOUNT_SID, "callSid": self.call_sid}}
+        return {
+            "event": "stop",
+            "sequenceNumber": str(next(self._seq)),
+            "streamSid": self.stream_sid,
+            "stop": {"accountSid": ACCOUNT_SID, "callSid": self.call_sid},
+        }
 
 
 class AgentConnector:
@@ -157,5 +176,10 @@ def ev(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def ready(session_id: str = "sess_" + "a" * 32) -> dict[str, Any]:
-    return ev("session.ready", session_id=session_id, expires_at=1790214000, resume_token="rt",
-              config={"output": {"voice": "ivy", "format": {"encoding": "audio/pcmu", "sample_rate": 8000}}})
+    return ev(
+        "session.ready",
+        session_id=session_id,
+        expires_at=1790214000,
+        resume_token="rt",
+        config={"output": {"voice": "ivy", "format": {"encoding": "audio/pcmu", "sample_rate": 8000}}},
+    )

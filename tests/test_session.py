@@ -140,7 +140,9 @@ async def test_session_update_carries_pcmu_both_ways_and_no_audio_before_ready(
     assert update == {
         "type": "session.update",
         "session": {
-            "system_prompt": "Be brief.", "greeting": "Hello!", "tools": [],
+            "system_prompt": "Be brief.",
+            "greeting": "Hello!",
+            "tools": [],
             "input": {"type": "audio", "format": {"encoding": "audio/pcmu"}},
             "output": {"type": "audio", "voice": "ivy", "format": {"encoding": "audio/pcmu"}},
         },
@@ -153,7 +155,9 @@ async def test_session_update_carries_pcmu_both_ways_and_no_audio_before_ready(
     assert call.session.stats.frames_dropped_pre_ready == 1
 
 
-async def test_barge_in_clears_at_once_and_drops_the_interrupted_reply(nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_barge_in_clears_at_once_and_drops_the_interrupted_reply(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     call = Call(nursery)
     agent = await call.start()
     await agent.send(ev("reply.started", reply_id="r1"))
@@ -194,8 +198,12 @@ async def test_tool_round_trip_result_after_reply_done(nursery: trio.Nursery, au
     start = trio.current_time()
     result = await agent.receive()
     assert trio.current_time() - start == pytest.approx(1.5)
-    assert result == {"type": "tool.result", "call_id": "t1", "is_error": False,
-                      "result": '{"order_id":"42","status":"shipped"}'}
+    assert result == {
+        "type": "tool.result",
+        "call_id": "t1",
+        "is_error": False,
+        "result": '{"order_id":"42","status":"shipped"}',
+    }
 
 
 async def test_tool_result_held_until_reply_done(nursery: trio.Nursery, autojump_clock: Any) -> None:
@@ -291,7 +299,9 @@ async def test_fatal_session_error_ends_the_call_non_fatal_does_not(nursery: tri
     assert call.summary.outcome is Outcome.UPSTREAM_FAILED
 
 
-async def test_never_ready_upstream_ends_the_call_after_the_deadline(nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_never_ready_upstream_ends_the_call_after_the_deadline(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     call = Call(nursery, make_setup(ready_timeout_s=10.0))
     await call.twilio.send(call.script.start())
     agent = await call.connector.peer()
@@ -338,7 +348,9 @@ async def test_at_capacity_is_retried_with_backoff(nursery: trio.Nursery, autoju
     assert [e["type"] for e in await drain(second)] == ["input.audio"]
 
 
-async def test_end_call_hangs_up_only_after_the_goodbye_mark_is_played(nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_end_call_hangs_up_only_after_the_goodbye_mark_is_played(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
     hung_up: list[str] = []
 
     class Control:

@@ -57,8 +57,9 @@ class AgentSocket:
         try:
             return await self._ws.get_message()
         except ConnectionClosed as exc:
-            self.close_code = exc.reason.code
-            self.close_reason = exc.reason.reason
+            if exc.reason is not None:
+                self.close_code = exc.reason.code
+                self.close_reason = exc.reason.reason
             return None
 
     async def send(self, text: str) -> None:
@@ -104,7 +105,9 @@ async def open_agent_socket(nursery: trio.Nursery, endpoint: AgentEndpoint) -> A
     try:
         if secure:
             stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=endpoint.ssl_context or ssl.create_default_context(),
+                host,
+                port,
+                ssl_context=endpoint.ssl_context or ssl.create_default_context(),
                 https_compatible=True,
             )
         else:

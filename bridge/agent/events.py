@@ -177,7 +177,8 @@ def parse(frame: str | bytes) -> AgentEvent | InvalidEvent:
     builder = _BUILDERS.get(kind)
     if builder is None:
         return UnknownEvent(kind[:64])
-    return builder(msg)
+    event: AgentEvent | InvalidEvent = builder(msg)
+    return event
 
 
 def _s(msg: dict[str, Any], key: str) -> str:
@@ -194,7 +195,7 @@ def _ready(msg: dict[str, Any]) -> SessionReady | InvalidEvent:
     return SessionReady(
         session_id=session_id,
         resume_token=msg.get("resume_token") if type(msg.get("resume_token")) is str else None,
-        expires_at=float(expires) if type(expires) in (int, float) else None,
+        expires_at=float(expires) if isinstance(expires, (int, float)) else None,
         config=config if type(config) is dict else {},
     )
 
@@ -211,7 +212,7 @@ def _error(msg: dict[str, Any]) -> SessionError:
 
 def _ended(msg: dict[str, Any]) -> SessionEnded:
     duration = msg.get("session_duration_seconds")
-    return SessionEnded(float(duration) if type(duration) in (int, float) else None)
+    return SessionEnded(float(duration) if isinstance(duration, (int, float)) else None)
 
 
 def _tool_call(msg: dict[str, Any]) -> ToolCall | InvalidEvent:
@@ -243,9 +244,7 @@ _BUILDERS: dict[str, Any] = {
     "transcript.user.delta": lambda m: TranscriptUserDelta(_s(m, "item_id"), _s(m, "text")),
     "transcript.user": lambda m: TranscriptUser(_s(m, "item_id"), _s(m, "text")),
     "reply.started": lambda m: ReplyStarted(_s(m, "reply_id")),
-    "transcript.agent": lambda m: TranscriptAgent(
-        _s(m, "reply_id"), _s(m, "text"), m.get("interrupted") is True
-    ),
+    "transcript.agent": lambda m: TranscriptAgent(_s(m, "reply_id"), _s(m, "text"), m.get("interrupted") is True),
     "reply.done": lambda m: ReplyDone(_s(m, "reply_id"), m.get("status") == "interrupted"),
     "tool.call": _tool_call,
 }
@@ -287,9 +286,7 @@ def input_audio(payload: str) -> str:
 
 
 def tool_result(call_id: str, result: str, *, is_error: bool = False) -> str:
-    return orjson.dumps(
-        {"type": "tool.result", "call_id": call_id, "result": result, "is_error": is_error}
-    ).decode()
+    return orjson.dumps({"type": "tool.result", "call_id": call_id, "result": result, "is_error": is_error}).decode()
 
 
 def reply_create(instructions: str | None = None) -> str:

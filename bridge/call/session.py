@@ -15,6 +15,7 @@ under a shielded deadline. Nothing of the call outlives ``run``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -132,9 +133,7 @@ class CallSession:
         self._tags = CallTags(setup.call_id)
         self._speech_stopped_at: float | None = None
         self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[str](AGENT_OUT_FRAMES)
-        self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](
-            PHONE_OUT_FRAMES
-        )
+        self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](PHONE_OUT_FRAMES)
 
     @property
     def stats(self) -> st.CallStats:
@@ -334,20 +333,29 @@ class CallSession:
     async def _transfer(self, action: st.Transfer) -> None:
         control, call_sid = self.setup.control, self.state.call_sid
         if control is None or not call_sid:
-            self._apply(self.state.on_tool_done(
-                action.call_id, '{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}', True, self._clock()
-            ))
+            self._apply(
+                self.state.on_tool_done(
+                    action.call_id,
+                    '{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}',
+                    True,
+                    self._clock(),
+                )
+            )
             return
         self.state.on_transfer_started()  # before the request: Twilio's stop may beat its answer
         try:
             with trio.fail_after(REST_DEADLINE_S):
-                await control.update_twiml(call_sid, twiml.dial(action.number, announcement=self.setup.transfer_announcement))
+                await control.update_twiml(
+                    call_sid, twiml.dial(action.number, announcement=self.setup.transfer_announcement)
+                )
         except (BridgeError, trio.TooSlowError) as exc:
             self.state.on_transfer_failed()
             log.warning("transfer to %s failed: %s", action.number, exc)
-            self._apply(self.state.on_tool_done(
-                action.call_id, '{"error":"the transfer failed; apologise and offer to help"}', True, self._clock()
-            ))
+            self._apply(
+                self.state.on_tool_done(
+                    action.call_id, '{"error":"the transfer failed; apologise and offer to help"}', True, self._clock()
+                )
+            )
             return
         log.info("transferring the call to %s", action.number)
         self._apply(self.state.on_tool_done(action.call_id, '{"ok":true,"note":"transferring"}', False, self._clock()))
@@ -432,10 +440,8 @@ class CallSession:
         agent = self._agent
         if agent is not None and not self._session_end_sent and not self.state.upstream_ended:
             with trio.move_on_after(CLOSE_S):
-                try:
+                with contextlib.suppress(SocketClosed):
                     await agent.send(ag.SESSION_END)
-                except SocketClosed:
-                    pass
         await self._close_agent()
         with trio.move_on_after(CLOSE_S):
             await self._phone.aclose(1000)
@@ -468,18 +474,36 @@ class CallSession:
             "call summary: outcome=%s duration=%.1fs turns=%d barge_ins=%d tools=%d "
             "frames twilio->agent=%d/%d agent->twilio=%d/%d dropped(pre_ready=%d flood=%d "
             "backpressure=%d interrupted=%d) invalid(twilio=%d agent=%d) reason=%s",
-            outcome.value, duration, s.turns, s.barge_ins, s.tool_calls,
-            s.frames_to_agent, s.frames_from_twilio, s.frames_to_twilio, s.frames_from_agent,
-            s.frames_dropped_pre_ready, s.frames_dropped_flood, s.frames_dropped_backpressure,
-            s.frames_dropped_interrupted, s.invalid_twilio, s.invalid_agent, reason,
+            outcome.value,
+            duration,
+            s.turns,
+            s.barge_ins,
+            s.tool_calls,
+            s.frames_to_agent,
+            s.frames_from_twilio,
+            s.frames_to_twilio,
+            s.frames_from_agent,
+            s.frames_dropped_pre_ready,
+            s.frames_dropped_flood,
+            s.frames_dropped_backpressure,
+            s.frames_dropped_interrupted,
+            s.invalid_twilio,
+            s.invalid_agent,
+            reason,
         )
         return CallSummary(self.setup.call_id, state.call_sid, outcome, reason, duration, s)
 
 
 _NORMAL_OUTCOMES = frozenset({st.Outcome.CALLER_HUNG_UP, st.Outcome.AGENT_ENDED, st.Outcome.TRANSFERRED})
 _KNOWN_CODES = ag.FATAL_ERROR_CODES | {
-    "invalid_format", "invalid_audio", "invalid_value", "immutable_field", "invalid_config",
-    "agent_id_not_first", "audio_rate_violation", "server_error",
+    "invalid_format",
+    "invalid_audio",
+    "invalid_value",
+    "immutable_field",
+    "invalid_config",
+    "agent_id_not_first",
+    "audio_rate_violation",
+    "server_error",
 }
 
 

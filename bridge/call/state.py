@@ -246,7 +246,9 @@ class CallState:
             return self._invalid_twilio(event.reason)
         if isinstance(event, tw.Connected):
             return [Log(logging.DEBUG, f"Twilio connected (protocol {event.protocol} {event.version})")]
-        return [Log(logging.DEBUG, f"ignored unknown Twilio event {event.event!r}")]
+        if isinstance(event, tw.UnknownEvent):
+            return [Log(logging.DEBUG, f"ignored unknown Twilio event {event.event!r}")]
+        return []
 
     def on_phone_closed(self, now: float) -> list[Action]:
         """The Twilio socket closed (with or without ``stop``)."""
@@ -262,9 +264,7 @@ class CallState:
         if self.phase is not Phase.AWAITING_START:
             return self._invalid_twilio("second start message")
         if self.expected_call_sid is not None and event.call_sid != self.expected_call_sid:
-            return self._end(
-                f"start callSid {event.call_sid} does not match the stream token", Outcome.REJECTED
-            )
+            return self._end(f"start callSid {event.call_sid} does not match the stream token", Outcome.REJECTED)
         self.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self.custom_parameters = event.custom_parameters
@@ -273,8 +273,8 @@ class CallState:
         self._bucket_at = now
         self._ready_deadline = now + self.policy.ready_timeout_s
         actions: list[Action] = [
-            Log(logging.INFO, f"stream {event.stream_sid} started ({event.encoding}, {event.sample_rate} Hz)"),
             ConnectAgent(),
+            Log(logging.INFO, f"stream {event.stream_sid} started ({event.encoding}, {event.sample_rate} Hz)"),
         ]
         if self.policy.outbound and self.policy.greeting_pad_ms > 0:
             # Queued before any agent audio: the callee's audio path opens during this silence.
@@ -513,9 +513,7 @@ class CallState:
         if self.phase is Phase.ENDING:
             return []
         if self._ready_deadline is not None and now >= self._ready_deadline:
-            return self._end(
-                f"no session.ready within {self.policy.ready_timeout_s:g} s", Outcome.UPSTREAM_FAILED
-            )
+            return self._end(f"no session.ready within {self.policy.ready_timeout_s:g} s", Outcome.UPSTREAM_FAILED)
         started = self.stats.started_at
         if started is not None and now - started >= self.policy.max_call_s:
             return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)

@@ -8,6 +8,7 @@ signature, token, replay, capacity — so a refused stream never opens an upstre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -63,10 +64,8 @@ class AsgiPhoneSocket:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send({"type": "websocket.close", "code": code})
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -79,6 +78,11 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 async def reject(send: Send, status: int = 403) -> None:
     """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response)."""
-    await send({"type": "websocket.http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")]})
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")],
+        }
+    )
     await send({"type": "websocket.http.response.body", "body": b"Forbidden"})
