@@ -1,0 +1,1 @@
+"""Runnable examples of extending the bridge (see README)."""
