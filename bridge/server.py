@@ -67,7 +67,7 @@ async def serve(
     config = hypercorn_config(settings, bind=bind)
     stop_serving = trio.Event()
     exit_code = 0
-    requested = shutdown or trio.Event()
+    requested = shutdown if shutdown is not None else trio.Event()
 
     async with trio.open_nursery() as nursery:
 

@@ -32,7 +32,6 @@ from bridge.phone import media as tw
 END_CALL_TOOL = "end_call"
 TRANSFER_TOOL = "transfer_call"
 _MAX_LOGGED_INVALID = 5  # per call and side; the rest are only counted
-_FLOOD_BURST_MS = 2000.0  # caller audio allowed ahead of real time before frames are dropped
 
 
 class Phase(Enum):
@@ -148,6 +147,9 @@ class CallPolicy:
     outbound: bool = False
     greeting_pad_ms: int = 0
     voice: str = ""
+    # Caller audio allowed ahead of real time before frames are dropped (the service itself drops
+    # audio sent faster than ~real time, and a flood must not cost upstream bandwidth).
+    caller_burst_ms: float = 2000.0
 
 
 class CallState:
@@ -213,7 +215,7 @@ class CallState:
         self._end_call_reply: str | None = None
         self._goodbye_mark: str | None = None
         self._goodbye_deadline: float | None = None
-        self._bucket_ms = _FLOOD_BURST_MS
+        self._bucket_ms = policy.caller_burst_ms
         self._bucket_at = 0.0
 
     @property
@@ -298,8 +300,9 @@ class CallState:
         payload = event.payload
         pad = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
         frame_ms = ((len(payload) * 3 >> 2) - pad) * 0.125  # exact bytes / 8 bytes per ms
-        if bucket > _FLOOD_BURST_MS:
-            bucket = _FLOOD_BURST_MS
+        burst = self.policy.caller_burst_ms
+        if bucket > burst:
+            bucket = burst
         if bucket < frame_ms:
             self._bucket_ms = bucket
             stats.frames_dropped_flood += 1
@@ -375,7 +378,7 @@ class CallState:
         self.session_id = event.session_id
         self._ready_deadline = None
         self._bucket_at = now
-        self._bucket_ms = 0.0 if resumed else _FLOOD_BURST_MS
+        self._bucket_ms = 0.0 if resumed else self.policy.caller_burst_ms
         what = "resumed" if resumed else "ready"
         return [Log(logging.INFO, f"agent session {event.session_id} {what}")]
 

@@ -1,0 +1,71 @@
+"""End to end through the real Quart-Trio app under Hypercorn (loopback, real time)."""
+
+from __future__ import annotations
+
+import base64
+
+import trio
+
+from tests.harness import API_KEY, running_bridge
+from tools.fake_agent import FakeAgentConfig
+from tools.fake_twilio import CallPlan
+
+
+def _caller_audio(frames: int) -> bytes:
+    # Unique bytes per 160-byte frame, so order and identity can be checked at the agent.
+    return b"".join(bytes([0x7F - (i % 64)]) * 4 + i.to_bytes(4, "big") + bytes([0xFE]) * 152 for i in range(frames))
+
+
+async def _no_orphans(bridge) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(2):
+        while bridge.agent.connections_open or bridge.app.active_calls:
+            await trio.sleep(0.01)
+
+
+async def test_inbound_call_end_to_end() -> None:
+    """webhook -> TwiML -> stream -> greeting heard -> caller audio byte-identical upstream -> hang-up."""
+    audio = _caller_audio(50)  # 1 s of caller audio
+    async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False)) as bridge:
+        plan = CallPlan(caller_audio=audio, speed=10.0, hangup_after_s=5.0)
+        with trio.fail_after(30):
+            result = await bridge.twilio.call(plan)
+        assert result.webhook_status == 200
+        assert result.handshake_status == 101
+        assert result.violations == []
+        assert result.ended_by == "caller"
+        assert result.custom_parameters["CallSid"] == result.call_sid
+        greeting = bridge.agent.greeting_audio
+        assert result.first_audio_s is not None
+        assert greeting in result.heard  # the whole greeting reached the caller, untouched
+
+        session = await bridge.agent.wait_for_session(1)
+        with trio.fail_after(5):
+            await session.ended.wait()  # hang-up -> session.end upstream -> session.ended
+        sent = [base64.b64encode(audio[i : i + 160]).decode() for i in range(0, len(audio), 160)]
+        # Frames that arrived before session.ready are not forwarded; from then on every frame
+        # goes upstream byte-identical and in order.
+        first = sent.index(session.input_audio[0])
+        assert first < 25
+        assert session.input_audio[: len(sent) - first] == sent[first:]
+        assert session.audio_before_ready == 0
+        assert session.config["input"]["format"]["encoding"] == "audio/pcmu"
+        assert session.config["output"]["format"]["encoding"] == "audio/pcmu"
+        await _no_orphans(bridge)
+
+
+async def test_barge_in_clears_twilio_playback() -> None:
+    async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False, speed=1.0)) as bridge:
+
+        async def barge_in_during_greeting() -> None:
+            session = await bridge.agent.wait_for_session(1)
+            await trio.sleep(0.5)
+            await bridge.agent.barge_in(session.session_id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(barge_in_during_greeting)
+            with trio.fail_after(30):
+                result = await bridge.twilio.call(CallPlan(speed=1.0, hangup_after_s=2.0))
+        assert result.violations == []
+        assert len(result.clears) >= 1
+        assert len(result.heard) < len(bridge.agent.greeting_audio)  # the rest was cleared, not played
+        await _no_orphans(bridge)
