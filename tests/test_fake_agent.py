@@ -1,0 +1,871 @@
+"""Tests of the fake Voice Agent API server (tools/fake_agent.py) against reference §9.
+
+Most tests drive the fake over an in-memory stream pair with a real trio-websocket client,
+so `autojump_clock` makes timers (grace window, tool timeout, pacing) instant and exact.
+A few use real loopback sockets: auth headers/paths, TCP reset, backpressure, echo, the CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import math
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+
+from tools.fake_agent import (
+    APOLOGY_TEXT,
+    DEFAULT_REPLY_TEXT,
+    FakeAgent,
+    FakeAgentConfig,
+    FaultPlan,
+)
+from tools.fake_agent_audio import EnergyVad, VadEvent
+
+REPO = Path(__file__).resolve().parents[1]
+CALLER_ULAW = (REPO / "tools" / "audio" / "caller.ulaw").read_bytes()
+GREETING_ULAW = (REPO / "tools" / "audio" / "greeting.ulaw").read_bytes()
+AUTH = [(b"Authorization", b"Bearer test-key")]
+TOOL = ("generate_random_number", {"min": 1, "max": 10})
+BASE_SESSION: dict[str, Any] = {
+    "system_prompt": "You are a phone assistant. Reply briefly.",
+    "input": {"format": {"encoding": "audio/pcmu"}},
+    "output": {"voice": "ivy", "format": {"encoding": "audio/pcmu"}},
+    "tools": [{"type": "function", "name": "generate_random_number", "parameters": {}}],
+}
+
+
+def update(**fields: Any) -> dict[str, Any]:
+    session = copy.deepcopy(BASE_SESSION)
+    session.update(fields)
+    return {"type": "session.update", "session": session}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- client helpers ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def connect_stream(
+    agent: FakeAgent, path: str = "/v1/ws", headers: list[tuple[bytes, bytes]] = AUTH
+) -> AsyncIterator[tuple[WebSocketConnection, trio.abc.Stream]]:
+    """A trio-websocket client wired to `agent` through an in-memory stream pair."""
+    server_side, client_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.handle_stream, server_side)
+        ws = await trio_websocket.wrap_client_stream(
+            nursery, client_side, "localhost", path, extra_headers=list(headers)
+        )
+        try:
+            yield ws, client_side
+        finally:
+            await ws.aclose()
+
+
+@asynccontextmanager
+async def connect(agent: FakeAgent, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    async with connect_stream(agent, **kwargs) as (ws, _):
+        yield ws
+
+
+@asynccontextmanager
+async def tcp_client(
+    url: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A loopback client that owns its TCP stream (trio-websocket leaves it open after 1006)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    resource = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, stream, parts.hostname, resource, extra_headers=headers
+            )
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
+async def send(ws: WebSocketConnection, event: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(event).decode())
+
+
+async def recv(ws: WebSocketConnection) -> dict[str, Any]:
+    event = orjson.loads(await ws.get_message())
+    assert isinstance(event["timestamp"], float)
+    return event
+
+
+async def recv_until(ws: WebSocketConnection, type_: str) -> list[dict[str, Any]]:
+    events = []
+    while True:
+        events.append(await recv(ws))
+        if events[-1]["type"] == type_:
+            return events
+
+
+async def drain(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int]:
+    """Every event until the server closes, and the close code."""
+    events = []
+    while True:
+        try:
+            events.append(orjson.loads(await ws.get_message()))
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            return events, exc.reason.code
+
+
+async def start(ws: WebSocketConnection, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    await send(ws, event or update())
+    return (await recv_until(ws, "session.ready"))[-1]
+
+
+async def nothing_within(ws: WebSocketConnection, seconds: float) -> bool:
+    with trio.move_on_after(seconds):
+        await ws.get_message()
+        return False
+    return True
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+# --- connect, auth, first frame, validation, ready ------------------------------------------
+
+
+async def test_auth_bearer_raw_token_and_alias_path_accepted() -> None:
+    agent = FakeAgent(FakeAgentConfig(api_key="k"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        base = agent.url.removesuffix("/v1/ws")
+        variants = [
+            (agent.url, [(b"Authorization", b"Bearer k")]),
+            (agent.url, [(b"Authorization", b"k")]),
+            (agent.url + "?token=k", []),
+            (base + "/v1/realtime", [(b"Authorization", b"Bearer k")]),
+        ]
+        for url, headers in variants:
+            async with tcp_client(url, headers) as ws:
+                assert (await start(ws))["type"] == "session.ready"
+                await send(ws, {"type": "session.end"})
+                events, code = await drain(ws)
+                assert (types(events), code) == (["session.ended"], 1000)
+        with pytest.RaisesGroup(ConnectionRejected, flatten_subgroups=True):
+            async with tcp_client(base + "/v1/nope"):
+                pass
+        nursery.cancel_scope.cancel()
+    assert agent.connections_open == 0
+    assert agent.connections_total == 5
+
+
+async def test_peer_leaving_before_upgrade_ends_connection_at_once() -> None:
+    agent = FakeAgent()
+    server_side, client_side = trio.testing.memory_stream_pair()
+    await client_side.send_all(b"GET /v1/ws HTTP/1.1\r\n")  # a probe that gives up mid-request
+    await client_side.aclose()
+    with trio.fail_after(1):  # not the 60 s upgrade timeout
+        await agent.handle_stream(server_side)
+    assert (agent.connections_open, agent.connections_total) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "headers", [[], [(b"Authorization", b"Bearer wrong")], [(b"Authorization", b"Bearer")]]
+)
+async def test_bad_key_upgrades_then_unauthorized_and_1008(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    agent = FakeAgent(FakeAgentConfig(api_key="k"))
+    async with connect(agent, headers=headers) as ws:
+        events, code = await drain(ws)
+    assert code == 1008
+    assert [(e["type"], e["code"]) for e in events] == [("session.error", "unauthorized")]
+    assert agent.connections_open == 0
+
+
+async def test_server_sends_nothing_until_client_speaks(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(api_key="test-key"))
+    async with connect(agent) as ws:
+        assert await nothing_within(ws, 60)
+        assert (await start(ws, update(greeting="Hi!")))["type"] == "session.ready"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        '{"type":"input.audio","audio":"//8="}',
+        '{"type":"reply.create"}',
+        "not json",
+        '{"audio":"//8="}',
+    ],
+)
+async def test_first_frame_must_be_update_or_resume_fatal(first: str) -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await ws.send_message(first)
+        events, code = await drain(ws)
+    # Fatal by our choice (reference §9.2 leaves it open).
+    assert code == 1008
+    assert [(e["type"], e["code"]) for e in events] == [("session.error", "invalid_format")]
+
+
+@pytest.mark.parametrize(
+    ("event", "code", "param"),
+    [
+        (update(bogus=1), "invalid_format", "bogus"),
+        ({**update(), "extra": 1}, "invalid_format", "extra"),
+        (update(greeting=None), "invalid_format", "greeting"),
+        (update(input={"format": {"encoding": "audio/opus"}}), "invalid_value", "input.format.encoding"),
+        (
+            update(input={"format": {"encoding": "audio/pcm", "sample_rate": 16000}}),
+            "invalid_value",
+            "input.format.sample_rate",
+        ),
+        (update(output={"format": {"encoding": "audio/pcmu", "sample_rate": 24000}}),
+         "invalid_value", "output.format.sample_rate"),
+        (update(input={"nope": 1}), "invalid_format", "input.nope"),
+        (update(llm={"provider": "x"}), "invalid_value", "llm"),
+        (update(agent_id="agent_" + "0" * 32), "invalid_value", "agent_id"),
+        ({"type": "session.update", "session": {"agent_id": "agent_" + "1" * 32}},
+         "agent_not_found", "agent_id"),
+    ],
+)  # fmt: skip
+async def test_first_update_strict_validation_is_fatal(
+    event: dict[str, Any], code: str, param: str
+) -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await send(ws, event)
+        events, close_code = await drain(ws)
+    assert close_code == 1008
+    assert len(events) == 1
+    assert (events[0]["type"], events[0]["code"], events[0]["param"]) == ("session.error", code, param)
+    assert agent.sessions == {}
+
+
+async def test_bad_voice_is_invalid_value_listing_valid_voices_then_1008() -> None:
+    agent = FakeAgent(FakeAgentConfig(voices=frozenset({"alba", "vera"})))
+    async with connect(agent) as ws:
+        await send(ws, update(output={"voice": "ivy"}))
+        events, code = await drain(ws)
+    assert code == 1008
+    [error] = events
+    assert (error["code"], error["param"]) == ("invalid_value", "output.voice")
+    assert "alba" in error["message"] and "vera" in error["message"]
+
+
+async def test_stored_agent_alone_is_accepted() -> None:
+    agent_id = "agent_" + "a" * 32
+    agent = FakeAgent(FakeAgentConfig(agent_ids=frozenset({agent_id})))
+    async with connect(agent) as ws:
+        ready = await start(ws, {"type": "session.update", "session": {"agent_id": agent_id}})
+        assert ready["config"]["agent_id"] == agent_id
+
+
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [("updated_then_ready", ["session.updated", "session.ready"]), ("ready", ["session.ready"])],
+)
+async def test_ready_order_and_fields(order: Any, expected: list[str]) -> None:
+    agent = FakeAgent(FakeAgentConfig(ready_order=order))
+    async with connect(agent) as ws:
+        await send(ws, update())
+        events = await recv_until(ws, "session.ready")
+        assert types(events) == expected
+        ready = events[-1]
+        assert re.fullmatch(r"sess_[0-9a-f]{32}", ready["session_id"])
+        assert isinstance(ready["expires_at"], int)
+        assert isinstance(ready["resume_token"], str) and ready["resume_token"]
+        config = ready["config"]
+        assert config["input"]["format"] == {"encoding": "audio/pcmu", "sample_rate": 8000}
+        assert config["output"]["format"] == {"encoding": "audio/pcmu", "sample_rate": 8000}
+        assert config["output"]["voice"] == "ivy"
+        assert config["input"]["turn_detection"]["interrupt_response"] is True
+        assert config["tools"] == BASE_SESSION["tools"]
+        session = await agent.wait_for_session()
+        assert session.session_id == ready["session_id"]
+        assert session.config == config
+
+
+async def test_default_formats_are_pcm_24k() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        ready = await start(ws, {"type": "session.update", "session": {}})
+    pcm = {"encoding": "audio/pcm", "sample_rate": 24000}
+    assert ready["config"]["input"]["format"] == ready["config"]["output"]["format"] == pcm
+
+
+async def test_audio_before_ready_is_counted_and_dropped(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(ready_delay_s=0.5))
+    async with connect(agent) as ws:
+        await send(ws, update())
+        for _ in range(3):
+            await send(ws, {"type": "input.audio", "audio": b64(b"\xff" * 160)})
+        await recv_until(ws, "session.ready")
+        late = b64(b"\x7f" * 160)
+        await send(ws, {"type": "input.audio", "audio": late})
+        await send(ws, {"type": "session.end"})
+        await drain(ws)
+    [session] = agent.sessions.values()
+    assert session.audio_before_ready == 3
+    assert session.input_audio == [late]
+
+
+# --- greeting, turns, barge-in -----------------------------------------------------------
+
+
+async def test_greeting_reply_with_leading_silence() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws, update(greeting="Hi, thanks for calling. How can I help?"))
+        events = await recv_until(ws, "reply.done")
+        session = await agent.wait_for_session()
+    kinds = types(events)
+    n_audio = math.ceil((1600 + len(GREETING_ULAW)) / 300)
+    assert kinds == ["reply.started"] + ["reply.audio"] * n_audio + ["transcript.agent", "reply.done"]
+    reply_id = events[0]["reply_id"]
+    assert all(e["reply_id"] == reply_id for e in events)
+    chunks = [base64.b64decode(e["data"]) for e in events[1:-2]]
+    assert chunks[0] == b"\xff" * 300
+    assert b"".join(chunks) == b"\xff" * 1600 + GREETING_ULAW
+    assert events[-2]["text"] == "Hi, thanks for calling. How can I help?"
+    assert events[-2]["interrupted"] is False
+    assert events[-1]["status"] == "completed"
+    assert session.audio_sent == [e["data"] for e in events[1:-2]]
+    assert session.replies_sent == [reply_id]
+
+
+async def test_greeting_is_converted_to_pcm_output() -> None:
+    agent = FakeAgent(FakeAgentConfig(leading_silence_ms=0))
+    async with connect(agent) as ws:
+        await start(ws, update(greeting="Hi", output={"format": {"encoding": "audio/pcm"}}))
+        events = await recv_until(ws, "reply.done")
+    audio = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "reply.audio")
+    assert len(audio) == len(GREETING_ULAW) * 6  # 8 kHz mu-law -> 24 kHz 16-bit
+    assert {len(base64.b64decode(e["data"])) for e in events[1:-3]} == {480}
+
+
+async def test_no_greeting_stays_silent(autojump_clock: Any) -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        assert await nothing_within(ws, 30)
+
+
+async def test_scripted_user_turn_sequence_with_cumulative_deltas() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        await agent.user_turn(session.session_id, "pick a number")
+        events = await recv_until(ws, "reply.done")
+    kinds = types(events)
+    assert kinds[:7] == [
+        "input.speech.started",
+        "transcript.user.delta",
+        "transcript.user.delta",
+        "transcript.user.delta",
+        "input.speech.stopped",
+        "transcript.user",
+        "reply.started",
+    ]
+    assert [e["text"] for e in events[1:4]] == ["pick", "pick a", "pick a number"]
+    assert len({e["item_id"] for e in events[1:4]} | {events[5]["item_id"]}) == 1
+    assert events[5]["text"] == "pick a number"
+    assert kinds[-2:] == ["transcript.agent", "reply.done"]
+    assert events[-2]["text"] == DEFAULT_REPLY_TEXT
+    assert session.user_turns == 1
+
+
+async def test_energy_vad_detects_caller_clip_and_replies() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        frames = [CALLER_ULAW[i : i + 160] for i in range(0, len(CALLER_ULAW), 160)]
+        frames += [b"\xff" * 160] * 40  # 800 ms of silence ends the turn
+        for frame in frames:
+            await send(ws, {"type": "input.audio", "audio": b64(frame)})
+        events = await recv_until(ws, "reply.done")
+        session = await agent.wait_for_session()
+    kinds = types(events)
+    assert kinds[0] == "input.speech.started"
+    assert kinds.count("input.speech.started") == 1
+    stop = kinds.index("input.speech.stopped")
+    assert set(kinds[1:stop]) == {"transcript.user.delta"}
+    assert kinds[stop + 1 : stop + 3] == ["transcript.user", "reply.started"]
+    assert events[-1]["status"] == "completed"
+    assert session.input_audio == [b64(f) for f in frames]
+
+
+async def test_barge_in_burst_and_no_later_audio_for_that_reply(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(speed=1.0))
+    greeting = "Hello there, thanks for calling, how can I help you today?"
+    async with connect(agent) as ws:
+        await start(ws, update(greeting=greeting))
+        session = await agent.wait_for_session()
+        started = await recv(ws)
+        assert started["type"] == "reply.started"
+        for _ in range(10):
+            assert (await recv(ws))["type"] == "reply.audio"
+        t0 = trio.current_time()
+        await agent.barge_in(session.session_id)
+        burst = await recv_until(ws, "reply.done")
+        assert trio.current_time() == t0  # one burst, no pacing delay
+        assert types(burst)[-3:] == ["input.speech.started", "transcript.agent", "reply.done"]
+        assert set(types(burst)[:-3]) <= {"reply.audio"}
+        transcript, done = burst[-2:]
+        assert transcript["interrupted"] is True
+        assert greeting.startswith(transcript["text"]) and transcript["text"] != greeting
+        assert (done["reply_id"], done["status"]) == (started["reply_id"], "interrupted")
+        await agent.user_turn(session.session_id, "wait")
+        after = await recv_until(ws, "reply.done")
+        await send(ws, {"type": "session.end"})
+        rest, _ = await drain(ws)
+    assert "input.speech.started" not in types(after)  # speech already started at barge-in
+    late = [e for e in after + rest if e.get("reply_id") == started["reply_id"]]
+    assert late == []
+    sent_for_greeting = 10 + types(burst).count("reply.audio")
+    assert len(session.audio_sent) == sent_for_greeting + types(after).count("reply.audio")
+
+
+async def test_interrupt_response_false_disables_barge_in(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(speed=1.0))
+    event = update(greeting="Hi there", input={
+        "format": {"encoding": "audio/pcmu"},
+        "turn_detection": {"interrupt_response": False},
+    })  # fmt: skip
+    async with connect(agent) as ws:
+        await start(ws, event)
+        session = await agent.wait_for_session()
+        await recv(ws)
+        await agent.barge_in(session.session_id)
+        events = await recv_until(ws, "reply.done")
+    assert types(events).count("input.speech.started") == 1
+    assert events[-1]["status"] == "completed"
+    assert events[-2]["interrupted"] is False
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+async def _tool_preamble(ws: WebSocketConnection, agent: FakeAgent) -> tuple[str, list[Any]]:
+    await start(ws)
+    session = await agent.wait_for_session()
+    await agent.user_turn(session.session_id, "random number please")
+    events = await recv_until(ws, "tool.call")
+    return session.session_id, events
+
+
+async def test_tool_flow_late_result() -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        preamble_id = events[-2]["reply_id"]
+        call = events[-1]
+        assert types(events[-2:]) == ["reply.started", "tool.call"]
+        assert (call["name"], call["arguments"]) == TOOL
+        assert call["call_id"].startswith("chatcmpl-tool-")
+        done = await recv(ws)
+        assert (done["type"], done["reply_id"], done["status"]) == ("reply.done", preamble_id, "completed")
+        await send(ws, {"type": "tool.result", "call_id": call["call_id"], "result": '{"n": 7}'})
+        answer = await recv_until(ws, "reply.done")
+    assert answer[0]["type"] == "reply.started"
+    assert answer[0]["reply_id"] != preamble_id
+    assert answer[-1]["status"] == "completed"
+    [session] = agent.sessions.values()
+    assert [r["result"] for r in session.tool_results] == ['{"n": 7}']
+
+
+async def test_tool_flow_early_result_is_accepted(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}, tool_preamble_s=1.0))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        call_id = events[-1]["call_id"]
+        await send(ws, {"type": "tool.result", "call_id": call_id, "result": "7"})
+        following = await recv_until(ws, "reply.started")
+        answer = await recv_until(ws, "reply.done")
+    assert types(following) == ["reply.done", "reply.started"]
+    assert following[0]["reply_id"] == events[-2]["reply_id"]
+    assert following[1]["reply_id"] != events[-2]["reply_id"]
+    assert answer[-1]["status"] == "completed"
+
+
+async def test_tool_result_errors_are_non_fatal() -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        call_id = events[-1]["call_id"]
+        await recv_until(ws, "reply.done")
+        await send(ws, {"type": "tool.result", "call_id": call_id, "result": {"n": 7}})
+        await send(ws, {"type": "tool.result", "call_id": "chatcmpl-tool-nope", "result": "7"})
+        errors = [await recv(ws), await recv(ws)]
+        await send(ws, {"type": "tool.result", "call_id": call_id, "result": "7"})
+        answer = await recv_until(ws, "reply.done")
+    assert [(e["code"], e["param"]) for e in errors] == [
+        ("invalid_format", "result"),
+        ("invalid_value", "call_id"),
+    ]
+    assert answer[0]["type"] == "reply.started"
+
+
+async def test_tool_timeout_gives_apology_reply(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}, tool_timeout_s=120.0))
+    async with connect(agent) as ws:
+        await _tool_preamble(ws, agent)
+        await recv_until(ws, "reply.done")
+        t0 = trio.current_time()
+        apology = await recv_until(ws, "reply.done")
+        assert trio.current_time() - t0 == pytest.approx(120.0)
+    assert [e["text"] for e in apology if e["type"] == "transcript.agent"] == [APOLOGY_TEXT]
+
+
+async def test_scripted_tool_call_and_legacy_args_key() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(tool_args_key="args")))
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        call_id = await agent.tool_call(session.session_id, "lookup", {"q": "x"})
+        events = await recv_until(ws, "reply.done")
+        await send(ws, {"type": "tool.result", "call_id": call_id, "result": "ok"})
+        answer = await recv_until(ws, "reply.done")
+    assert types(events) == ["reply.started", "tool.call", "reply.done"]
+    assert events[1]["args"] == {"q": "x"} and "arguments" not in events[1]
+    assert events[1]["call_id"] == call_id
+    assert answer[0]["reply_id"] != events[0]["reply_id"]
+
+
+# --- mid-session, non-fatal errors, reply.create, end ---------------------------------------
+
+
+async def test_mid_session_update_mutable_and_immutable() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws, update(greeting="Hi"))
+        await recv_until(ws, "reply.done")
+        new_tools = [{"type": "function", "name": "end_call"}]
+        await send(ws, {"type": "session.update", "session": {"tools": new_tools}})
+        updated = await recv(ws)
+        await send(ws, {"type": "session.update", "session": {"output": {"voice": "james"}}})
+        await send(ws, {"type": "session.update", "session": {"output": {"voice": "nobody"}}})
+        await send(ws, {"type": "session.update", "session": {"greeting": "Hello"}})
+        errors = [await recv(ws) for _ in range(3)]
+        await send(ws, {"type": "session.end"})
+        rest, code = await drain(ws)
+    assert updated["type"] == "session.updated"
+    assert updated["config"]["tools"] == new_tools
+    assert [(e["code"], e["param"]) for e in errors] == [
+        ("immutable_field", "output.voice"),
+        ("immutable_field", "output.voice"),
+        ("immutable_field", "greeting"),
+    ]
+    assert (types(rest), code) == (["session.ended"], 1000)
+    [session] = agent.sessions.values()
+    assert session.config["output"]["voice"] == "ivy"
+
+
+async def test_non_fatal_errors_keep_session_open() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        await ws.send_message("{nope")
+        await send(ws, {"type": "made.up"})
+        await send(ws, {"type": "input.audio"})
+        await send(ws, {"type": "input.audio", "audio": "!!not base64!!"})
+        await ws.send_message(b"\x00binary")
+        errors = [await recv(ws) for _ in range(5)]
+        await send(ws, {"type": "session.end"})
+        rest, code = await drain(ws)
+    codes = ["invalid_format", "invalid_format", "invalid_format", "invalid_audio", "invalid_format"]
+    assert [e["code"] for e in errors] == codes
+    assert all(e["type"] == "session.error" and e["session_id"] for e in errors)
+    assert (types(rest), code) == (["session.ended"], 1000)
+    [session] = agent.sessions.values()
+    assert session.errors_sent == codes
+
+
+async def test_reply_create_honours_instructions() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        await send(ws, {"type": "reply.create", "instructions": "Say you are still here."})
+        events = await recv_until(ws, "reply.done")
+    assert events[0]["type"] == "reply.started"
+    assert [e["text"] for e in events if e["type"] == "transcript.agent"] == [
+        "Say you are still here."
+    ]
+
+
+async def test_session_end_closes_1000_and_refuses_resume(autojump_clock: Any) -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        await trio.sleep(2.5)
+        await send(ws, {"type": "session.end"})
+        events, code = await drain(ws)
+    [ended] = events
+    assert (ended["type"], code) == ("session.ended", 1000)
+    assert ended["session_duration_seconds"] == pytest.approx(2.5)
+    assert ended["audio_duration_seconds"] is None
+    [session] = agent.sessions.values()
+    assert session.ended.is_set() and session.closed.is_set()
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": session.session_id})
+        events, code = await drain(ws)
+    assert [(e["type"], e["code"]) for e in events] == [("session.error", "session_not_found")]
+    assert code == 1008
+    assert agent.connections_open == 0
+
+
+async def test_end_from_server() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        await agent.end_from_server(session.session_id)
+        events, code = await drain(ws)
+    assert (types(events), code) == (["session.ended"], 1000)
+
+
+# --- drop and resume ------------------------------------------------------------------------
+
+
+async def test_drop_then_resume_within_grace_keeps_session_id(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(grace_s=30.0))
+    async with connect_stream(agent) as (ws, stream):
+        ready = await start(ws, update(greeting="Hi"))
+        await recv_until(ws, "reply.done")
+        session = await agent.wait_for_session()
+        await stream.aclose()  # no close frame: a network drop
+        await session.closed.wait()
+    assert not session.dead and not session.ended.is_set()
+    await trio.sleep(29.0)
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+        resumed = await recv(ws)
+        assert resumed["type"] == "session.ready"  # no session.updated, no greeting replay
+        assert resumed["session_id"] == ready["session_id"]
+        assert resumed["config"] == ready["config"]
+        await agent.user_turn(session.session_id, "still there?")
+        events = await recv_until(ws, "reply.done")
+        assert events[0]["type"] == "input.speech.started"
+    assert session.user_turns == 1
+    assert agent.connections_open == 0
+
+
+async def test_resume_after_grace_is_session_not_found(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(grace_s=30.0))
+    async with connect_stream(agent) as (ws, stream):
+        ready = await start(ws)
+        session = await agent.wait_for_session()
+        await stream.aclose()
+        await session.closed.wait()
+    await trio.sleep(31.0)
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+        events, code = await drain(ws)
+    assert ([e["code"] for e in events], code) == (["session_not_found"], 1008)
+
+
+async def test_resume_unknown_id_is_session_not_found() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": "sess_" + "0" * 32})
+        events, code = await drain(ws)
+    assert ([e["code"] for e in events], code) == (["session_not_found"], 1008)
+
+
+# --- echo mode ------------------------------------------------------------------------------
+
+
+async def test_echo_mode_returns_identical_payloads() -> None:
+    agent = FakeAgent(FakeAgentConfig(mode="echo", echo_barge_in_every_n=5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        async with tcp_client(agent.url) as ws:
+            await start(ws, update(greeting="Hi"))  # greeting is skipped in echo mode
+            payloads = [b64(bytes([i]) * 160) for i in range(20)]
+            for payload in payloads:
+                await send(ws, {"type": "input.audio", "audio": payload})
+            raw = [await ws.get_message() for _ in range(1 + 20 + 4)]
+        nursery.cancel_scope.cancel()
+    events = [orjson.loads(r) for r in raw]
+    assert events[0]["type"] == "reply.started"
+    reply_id = events[0]["reply_id"]
+    echoes = [e for e in events if e["type"] == "reply.audio"]
+    assert [e["data"] for e in echoes] == payloads
+    assert all(e["reply_id"] == reply_id and isinstance(e["timestamp"], float) for e in echoes)
+    kinds = types(events[1:])
+    assert kinds.count("input.speech.started") == 4
+    assert kinds[kinds.index("input.speech.started") + 1] == "reply.audio"
+    assert kinds.index("input.speech.started") == 4  # right before the 5th echo
+    assert agent.connections_open == 0
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+async def test_fault_reject_first_n_then_accept() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(reject_first_n=2)))
+    for _ in range(2):
+        async with connect(agent) as ws:
+            events, code = await drain(ws)
+        assert ([e["code"] for e in events], code) == (["at_capacity"], 1008)
+    async with connect(agent) as ws:
+        assert (await start(ws))["type"] == "session.ready"
+    assert agent.connections_total == 3
+
+
+async def test_fault_unauthorized() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(unauthorized=True)))
+    async with connect(agent) as ws:
+        events, code = await drain(ws)
+    assert ([e["code"] for e in events], code) == (["unauthorized"], 1008)
+
+
+async def test_fault_never_ready(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(never_ready=True)))
+    async with connect(agent) as ws:
+        await send(ws, update(greeting="Hi"))
+        await send(ws, {"type": "input.audio", "audio": b64(b"\xff" * 160)})
+        assert await nothing_within(ws, 60)
+    [session] = agent.sessions.values()
+    assert not session.was_ready
+    assert session.audio_before_ready == 1
+
+
+async def test_fault_close_1011_without_session_ended_then_resume(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(close_1011_after_s=5.0)))
+    async with connect(agent) as ws:
+        ready = await start(ws)
+        t0 = trio.current_time()
+        events, code = await drain(ws)
+        assert trio.current_time() - t0 == pytest.approx(5.0)
+    assert (events, code) == ([], 1011)
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+        assert (await recv(ws))["session_id"] == ready["session_id"]
+        assert await nothing_within(ws, 10)  # the fault fires on the first connection only
+
+
+async def test_fault_drop_tcp_resets_without_close_frame() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(drop_tcp_after_s=0.05)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        async with tcp_client(agent.url) as ws:
+            ready = await start(ws)
+            events, code = await drain(ws)
+        assert (events, code) == ([], 1006)
+        async with tcp_client(agent.url) as ws:
+            await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+            assert (await recv(ws))["session_id"] == ready["session_id"]
+        nursery.cancel_scope.cancel()
+    assert agent.connections_open == 0
+
+
+async def test_fault_stop_reading_backpressures_the_client() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(stop_reading=True)))
+    frame = orjson.dumps({"type": "input.audio", "audio": b64(b"\xff" * 48000)}).decode()
+    blocked = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.serve)
+        async with tcp_client(agent.url) as ws:
+            await start(ws)
+            for _ in range(2000):  # loopback buffers hold a few MB at most
+                with trio.move_on_after(0.2) as scope:
+                    await ws.send_message(frame)
+                if scope.cancelled_caught:
+                    blocked = True
+                    break
+            nursery.cancel_scope.cancel()
+    assert blocked
+    [session] = agent.sessions.values()
+    assert session.input_audio == []
+    assert agent.connections_open == 0
+
+
+async def test_fault_garbage_after_ready() -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(garbage_after_ready=True)))
+    async with connect(agent) as ws:
+        await start(ws)
+        frames = [await ws.get_message() for _ in range(5)]
+    assert frames[0] == "this is not json {"
+    assert isinstance(frames[1], bytes)
+    typeless = orjson.loads(frames[2])
+    assert "type" not in typeless and typeless["code"] == "server_error"
+    assert [orjson.loads(f)["type"] for f in frames[3:]] == ["transcript.agent.delta", "reply.error"]
+
+
+async def test_fault_session_cap(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(session_cap_s=60.0)))
+    async with connect(agent) as ws:
+        await start(ws)
+        events, code = await drain(ws)
+        assert trio.current_time() == pytest.approx(60.0)
+    assert [(e["type"], e.get("code")) for e in events] == [
+        ("session.error", "session_expired"),
+        ("session.ended", None),
+    ]
+    assert code == 1008
+    [session] = agent.sessions.values()
+    assert session.dead and session.ended.is_set()
+
+
+# --- pure VAD and the CLI -------------------------------------------------------------------
+
+
+def test_energy_vad_onset_and_hangover() -> None:
+    vad = EnergyVad(threshold=300.0, onset_ms=100.0, hangover_ms=500.0)
+    loud, quiet = 2000.0, 0.0
+    assert [vad.feed(loud, 20.0) for _ in range(5)] == [None] * 4 + [VadEvent.SPEECH_STARTED]
+    assert [vad.feed(quiet, 20.0) for _ in range(24)] == [None] * 24
+    assert vad.feed(loud, 20.0) is None  # a short pause does not end the turn
+    assert [vad.feed(quiet, 100.0) for _ in range(5)] == [None] * 4 + [VadEvent.SPEECH_STOPPED]
+    assert [vad.feed(loud, 20.0) for _ in range(4)] == [None] * 4  # 80 ms blip: no onset
+
+
+async def test_cli_prints_url_serves_and_exits_0_on_sigint() -> None:
+    with trio.fail_after(15):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tools.fake_agent", "--port", "0", "--echo"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(1)
+            match = re.fullmatch(rb"Fake Voice Agent listening on (ws://127\.0\.0\.1:\d+/v1/ws)\n", line)
+            assert match, line
+            async with tcp_client(match[1].decode()) as ws:
+                await start(ws)
+                await send(ws, {"type": "input.audio", "audio": "//8="})
+                assert (await recv(ws))["type"] == "reply.started"
+                assert (await recv(ws))["data"] == "//8="
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Regenerate the fake agent's canned audio clips.
+#
+# Output: raw G.711 mu-law, 8000 Hz, mono, no header (byte-identical to what
+# Twilio Media Streams and the Voice Agent API exchange with `audio/pcmu`).
+# Needs espeak-ng and sox (apt-get install espeak-ng sox).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+make_clip() {
+  # $1 = output name (without extension), $2 = voice, $3 = text
+  local name="$1" voice="$2" text="$3"
+  espeak-ng -v "$voice" -s 160 -w "$tmp/$name.wav" "$text"
+  # -D: no dither, so reruns are byte-identical. -G: guard against clipping.
+  # norm -3: comparable levels across clips.
+  sox -D -G "$tmp/$name.wav" -r 8000 -c 1 -t raw -e mu-law "$here/$name.ulaw" norm -3
+  printf '%-14s %6d bytes  %s\n' "$name.ulaw" "$(stat -c %s "$here/$name.ulaw")" "$text"
+}
+
+make_clip greeting en-us   "Hi, thanks for calling. How can I help?"
+make_clip reply    en-us   "Sure. Your random number is seven."
+make_clip goodbye  en-us   "Thanks for calling, goodbye!"
+# A different voice for the caller, so demo recordings tell the two sides apart.
+make_clip caller   en-us+m3 "Hi, can you pick a random number between one and ten?"
