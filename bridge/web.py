@@ -169,6 +169,7 @@ class BridgeApp:
             greeting_pad_ms=s.outbound_greeting_delay_ms if outbound else 0,
             voice=persona.voice,
             caller_burst_ms=s.caller_audio_burst_ms,
+            resume_window_s=s.resume_window_s,
         )
         control_tools = call_control_definitions(s.end_call_tool, transfer_numbers)
         tools, hook = self.deps.tools, self.deps.session_hook

@@ -69,3 +69,21 @@ async def test_barge_in_clears_twilio_playback() -> None:
         assert len(result.clears) >= 1
         assert len(result.heard) < len(bridge.agent.greeting_audio)  # the rest was cleared, not played
         await _no_orphans(bridge)
+
+
+async def test_upstream_drop_is_resumed_without_dropping_the_caller() -> None:
+    from tools.fake_agent import FaultPlan
+
+    for faults in (FaultPlan(drop_tcp_after_s=0.5), FaultPlan(close_1011_after_s=0.5)):
+        config = FakeAgentConfig(api_key=API_KEY, vad=False, faults=faults)
+        async with running_bridge(agent_config=config) as bridge:
+            with trio.fail_after(30):
+                result = await bridge.twilio.call(CallPlan(speed=5.0, hangup_after_s=10.0))
+            assert result.ended_by == "caller"  # the Twilio leg stayed up through the drop
+            assert result.violations == []
+            session = await bridge.agent.wait_for_session(1)
+            assert bridge.agent.connections_total == 2  # one drop, one resume, same session
+            assert len(bridge.agent.sessions) == 1
+            with trio.fail_after(5):
+                await session.ended.wait()
+            await _no_orphans(bridge)

@@ -418,3 +418,46 @@ async def test_outside_cancellation_still_closes_both_sockets(nursery: trio.Nurs
             await agent.send(ready())
     assert phone_sock.closed and connector.sockets[0].closed
     assert {"type": "session.end"} in await drain(agent)
+
+
+async def test_upstream_drop_is_resumed_and_the_gap_is_not_burst(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await call.twilio.send(call.script.media(payload(1)))
+    assert [e["audio"] for e in await drain(agent)] == [payload(1)]
+    agent.close()  # TCP drop: no session.ended
+    await trio.testing.wait_all_tasks_blocked()
+    await call.twilio.send(call.script.media(payload(2)))  # caller audio during the gap
+    while len(call.connector.peers) < 2:
+        await trio.sleep(0.05)
+    second = call.connector.peers[1]
+    assert await second.receive() == {"type": "session.resume", "session_id": "sess_" + "a" * 32}
+    await second.send(ready())
+    await call.twilio.send(call.script.media(payload(3)))
+    assert [e["audio"] for e in await drain(second)] == [payload(3)]  # the gap's audio is not sent
+    assert not call.done.is_set() and not call.phone_sock.closed
+    assert call.session.stats.resumes == 1 and call.session.stats.frames_dropped_gap >= 1
+
+
+async def test_failed_resume_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    agent.close()
+    while len(call.connector.peers) < 2:
+        await trio.sleep(0.05)
+    second = call.connector.peers[1]
+    await second.receive()
+    await second.send(ev("session.error", code="session_not_found", message="gone"))
+    await call.done.wait()
+    assert call.summary.outcome is Outcome.UPSTREAM_FAILED and call.phone_sock.closed
+
+
+async def test_resume_gives_up_after_the_window(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery, make_setup(resume_window_s=5.0))
+    agent = await call.start()
+    call.connector.fail_with = OSError("connection refused")
+    t0 = trio.current_time()
+    agent.close()
+    await call.done.wait()
+    assert 5.0 <= trio.current_time() - t0 <= 6.0
+    assert "resume" in call.summary.reason

@@ -69,6 +69,17 @@ class AgentSocket:
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise SocketClosed(str(exc)) from exc
 
+    async def ping(self) -> None:
+        """Send a ping and wait for its pong (no deadline here: the caller owns it)."""
+        try:
+            await self._ws.ping()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise SocketClosed(str(exc)) from exc
+
+    async def abort(self) -> None:
+        """Drop the TCP connection at once (a stalled peer gets no close handshake)."""
+        await trio.aclose_forcefully(self._stream)
+
     async def aclose(self, code: int = 1000) -> None:
         """Close politely (bounded), then close the TCP stream. Safe to call twice.
 

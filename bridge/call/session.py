@@ -15,7 +15,6 @@ under a shielded deadline. Nothing of the call outlives ``run``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,9 @@ AGENT_OUT_FRAMES = 50
 # the call is ended as stuck (agent audio is never dropped).
 PHONE_OUT_FRAMES = 1024
 SEND_DEADLINE_S = 5.0  # a peer that takes longer than this to accept one frame is stuck
+RESUME_BACKOFF_S = 0.25
+KEEPALIVE_S = 10.0  # ping the upstream this often...
+PING_TIMEOUT_S = 5.0  # ...and treat it as dropped when the pong is this late (a read stall)
 GOODBYE_S = 0.75  # session.end -> session.ended; keeps the whole teardown under one second
 CLOSE_S = 0.25  # closing each socket, shielded
 TICK_S = 0.1
@@ -194,30 +196,48 @@ class CallSession:
 
     # --- the agent leg ----------------------------------------------------------------------
 
-    async def _agent_leg(self, resume_session_id: str | None) -> None:
-        try:
-            config = await self.setup.session_config(self._context())
-        except BridgeError as exc:
-            self._apply(self.state.on_agent_connect_failed(self._clock(), str(exc)))
-            return
-        first_message = ag.session_update(config)
-        backoff_s = 0.25
+    async def _agent_leg(self, resume_session_id: str | None, attempt: int) -> None:
+        """Connect (or resume), then read the agent until its socket ends. One leg per socket."""
+        if resume_session_id is not None:
+            await trio.sleep(min(RESUME_BACKOFF_S * 2 ** (attempt - 1), 2.0))
+            first_message = ag.session_resume(resume_session_id)
+        else:
+            try:
+                config = await self.setup.session_config(self._context())
+            except BridgeError as exc:
+                self._apply(self.state.on_agent_connect_failed(self._clock(), str(exc)))
+                return
+            first_message = ag.session_update(config)
+        backoff_s = RESUME_BACKOFF_S
         metrics = self.setup.metrics
         while not self.state.ending:
             retry_reason: str | None = None
             failure: BaseException | None = None
+            sock: MessageSocket | None = None
+            reader_done = False  # False in finally: the leg was cancelled with its socket open
             try:
                 async with trio.open_nursery() as ws_nursery:
                     sock = await self._connect_agent(ws_nursery)
                     self._agent = sock
                     if metrics:
                         metrics.upstream_connects.labels("ok").inc()
+                        if resume_session_id is not None:
+                            metrics.upstream_resumes.labels("attempted").inc()
                     await sock.send(first_message)
+                    if resume_session_id is not None:
+                        await self._resend_control(sock)
                     ws_nursery.start_soon(self._agent_tx, sock)
+                    if hasattr(sock, "ping"):
+                        ws_nursery.start_soon(self._keepalive, sock)
                     retry_reason = await self._agent_rx(sock)
+                    reader_done = True
                     ws_nursery.cancel_scope.cancel()
             except* _CONNECT_ERRORS as group:
                 failure = group.exceptions[0]
+            finally:
+                if sock is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._retire_agent(sock, say_goodbye=not reader_done)
             if failure is not None:
                 if metrics:
                     metrics.upstream_connects.labels("failed").inc()
@@ -228,10 +248,52 @@ class CallSession:
                 retry_reason = detail
             if retry_reason is None:
                 return
-            await self._close_agent()
             log.warning("Voice Agent not available (%s): retrying in %.2f s", retry_reason, backoff_s)
-            await trio.sleep(backoff_s)  # the ready deadline (ticker) bounds the whole loop
+            await trio.sleep(backoff_s)  # the ready/resume deadline (ticker) bounds the whole loop
             backoff_s = min(backoff_s * 2, 2.0)
+
+    async def _resend_control(self, sock: MessageSocket) -> None:
+        """After a resume: drop caller audio queued before the drop (never burst it upstream),
+        keep control messages (tool results) and send them first."""
+        recv = self._agent_out_recv
+        while True:
+            try:
+                text = recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if text.startswith(_AUDIO_PREFIX):
+                self.state.stats.frames_dropped_gap += 1
+            else:
+                await sock.send(text)
+
+    async def _keepalive(self, sock: Any) -> None:
+        """A silent upstream is normal; one that stops answering pings is dead: drop it (resume)."""
+        while True:
+            await trio.sleep(KEEPALIVE_S)
+            try:
+                with trio.fail_after(PING_TIMEOUT_S):
+                    await sock.ping()
+            except trio.TooSlowError:
+                log.warning("Voice Agent did not answer a ping within %g s: dropping the connection", PING_TIMEOUT_S)
+                await sock.abort()
+                return
+            except SocketClosed:
+                return
+
+    async def _retire_agent(self, sock: MessageSocket, *, say_goodbye: bool) -> None:
+        """Close one upstream socket (shielded by the caller, bounded here). If the call is ending
+        and the agent never said goodbye, send ``session.end`` first: a bare close keeps the
+        session billed for its 30 s grace window."""
+        with trio.move_on_after(2 * CLOSE_S):
+            if say_goodbye and not self._session_end_sent and not self.state.upstream_ended:
+                try:
+                    await sock.send(ag.SESSION_END)
+                    self._session_end_sent = True
+                except SocketClosed:
+                    pass
+            await sock.aclose()
+        if self._agent is sock:
+            self._agent = None
 
     async def _agent_rx(self, sock: MessageSocket) -> str | None:
         """Read the agent until its socket closes. Returns a reason to retry the connect, or None."""
@@ -395,8 +457,8 @@ class CallSession:
         assert self._nursery is not None
         if isinstance(action, st.ConnectAgent):
             self._tags.call_sid = self.state.call_sid
-            self._nursery.start_soon(self._agent_leg, action.resume_session_id)
-            if self.setup.direction == "outbound":
+            self._nursery.start_soon(self._agent_leg, action.resume_session_id, action.attempt)
+            if self.setup.direction == "outbound" and action.resume_session_id is None:
                 self._nursery.start_soon(self._outbound_silence)
         elif isinstance(action, st.RunTool):
             self._nursery.start_soon(self._run_tool, action)
@@ -427,22 +489,12 @@ class CallSession:
             await self._agent_out_send.send(ag.SESSION_END)
             await self._upstream_gone.wait()
 
-    async def _close_agent(self) -> None:
-        agent, self._agent = self._agent, None
-        if agent is not None:
-            with trio.move_on_after(CLOSE_S):
-                await agent.aclose()
-
     async def _close_sockets(self) -> None:
         """Shielded by the caller. A call cancelled from outside still ends its upstream session."""
         self._agent_out_send.close()
         self._phone_out_send.close()
-        agent = self._agent
-        if agent is not None and not self._session_end_sent and not self.state.upstream_ended:
-            with trio.move_on_after(CLOSE_S):
-                with contextlib.suppress(SocketClosed):
-                    await agent.send(ag.SESSION_END)
-        await self._close_agent()
+        if self._agent is not None:  # normally each agent leg has already retired its socket
+            await self._retire_agent(self._agent, say_goodbye=True)
         with trio.move_on_after(CLOSE_S):
             await self._phone.aclose(1000)
 
@@ -511,6 +563,7 @@ def _metric_code(code: str) -> str:
     return code if code in _KNOWN_CODES else "other"
 
 
+_AUDIO_PREFIX = '{"type":"input.audio"'
 _CONNECT_ERRORS = (UpstreamError, trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, SocketClosed)
 
 

@@ -71,6 +71,7 @@ class SendPhone:
 @dataclass(frozen=True, slots=True)
 class ConnectAgent:
     resume_session_id: str | None = None
+    attempt: int = 0  # reconnects so far in this gap: the session backs off between them
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,8 @@ class CallStats:
     frames_to_twilio: int = 0
     frames_dropped_interrupted: int = 0
     frames_dropped_backpressure: int = 0
+    frames_dropped_gap: int = 0  # caller audio while the upstream was reconnecting
+    resumes: int = 0
     invalid_twilio: int = 0
     invalid_agent: int = 0
     turns: int = 0
@@ -150,6 +153,8 @@ class CallPolicy:
     # Caller audio allowed ahead of real time before frames are dropped (the service itself drops
     # audio sent faster than ~real time, and a flood must not cost upstream bandwidth).
     caller_burst_ms: float = 2000.0
+    # Upstream drops are resumed within this window (the service holds a session for 30 s).
+    resume_window_s: float = 25.0
 
 
 class CallState:
@@ -169,6 +174,8 @@ class CallState:
         "_mark_seq",
         "_pending_marks",
         "_ready_deadline",
+        "_resume_attempts",
+        "_resume_deadline",
         "_tools",
         "audio_since_clear",
         "call_sid",
@@ -204,6 +211,8 @@ class CallState:
         self.hanging_up = False
         self.upstream_ended = False
         self._ready_deadline: float | None = None
+        self._resume_deadline: float | None = None
+        self._resume_attempts = 0
         self._current_reply: str | None = None
         self._interrupted: deque[str] = deque(maxlen=16)
         self._pending_marks: set[str] = set()
@@ -290,7 +299,10 @@ class CallState:
         if self.phase is not Phase.LIVE:
             if self.phase is Phase.AWAITING_START:
                 return self._invalid_twilio("media before start")
-            stats.frames_dropped_pre_ready += 1
+            if self.phase is Phase.RECONNECTING:
+                stats.frames_dropped_gap += 1  # never burst upstream after the resume
+            else:
+                stats.frames_dropped_pre_ready += 1
             return []
         if event.stream_sid != self.stream_sid:
             return self._invalid_twilio("media for another streamSid")
@@ -345,16 +357,44 @@ class CallState:
         return result
 
     def on_agent_closed(self, now: float, detail: str) -> list[Action]:
-        """The upstream socket closed. Without ``session.ended`` first, that is a failure."""
+        """The upstream socket closed. Without ``session.ended`` first, that is a drop: resume the
+        session while the window allows (the Twilio leg stays up), else end the call."""
         if self.phase is Phase.ENDING:
             self.upstream_ended = True
             return []
+        can_resume = (
+            self.session_id is not None
+            and self.policy.resume_window_s > 0
+            and (
+                self.phase is Phase.LIVE
+                or (
+                    self.phase is Phase.RECONNECTING
+                    and self._resume_deadline is not None
+                    and now < self._resume_deadline
+                )
+            )
+        )
+        if can_resume and self.session_id is not None:
+            if self.phase is Phase.LIVE:
+                self._resume_deadline = now + self.policy.resume_window_s
+                self._resume_attempts = 0
+            self.phase = Phase.RECONNECTING
+            self._current_reply = None
+            self._resume_attempts += 1
+            return [
+                Log(logging.WARNING, f"Voice Agent connection lost ({detail}): resuming session {self.session_id}"),
+                ConnectAgent(resume_session_id=self.session_id, attempt=self._resume_attempts),
+            ]
         self.upstream_ended = True
         return self._end(f"Voice Agent connection lost ({detail})", Outcome.UPSTREAM_FAILED, upstream=False)
 
     def on_agent_connect_failed(self, now: float, detail: str) -> list[Action]:
         if self.phase is Phase.ENDING:
             return []
+        if self.phase is Phase.RECONNECTING:
+            return self._end(
+                f"could not resume the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False
+            )
         self.upstream_ended = True
         return self._end(f"could not open the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False)
 
@@ -377,8 +417,11 @@ class CallState:
         self.phase = Phase.LIVE
         self.session_id = event.session_id
         self._ready_deadline = None
+        self._resume_deadline = None
+        if resumed:
+            self.stats.resumes += 1
         self._bucket_at = now
-        self._bucket_ms = 0.0 if resumed else self.policy.caller_burst_ms
+        self._bucket_ms = self.policy.caller_burst_ms
         what = "resumed" if resumed else "ready"
         return [Log(logging.INFO, f"agent session {event.session_id} {what}")]
 
@@ -388,7 +431,7 @@ class CallState:
             msg = f"VOICE {self.policy.voice!r} was rejected by the Voice Agent API: {event.message}"
         else:
             msg = f"Voice Agent error {event.code}: {event.message}"
-        if event.fatal or self.phase is Phase.CONNECTING:
+        if event.fatal or self.phase in (Phase.CONNECTING, Phase.RECONNECTING):
             # Any error before ready was fatal live (the service closes with 1008).
             return [Log(logging.ERROR, msg), *self._end(msg, Outcome.UPSTREAM_FAILED, upstream=False)]
         return [Log(logging.WARNING, msg + " (the call goes on)")]
@@ -517,6 +560,12 @@ class CallState:
             return []
         if self._ready_deadline is not None and now >= self._ready_deadline:
             return self._end(f"no session.ready within {self.policy.ready_timeout_s:g} s", Outcome.UPSTREAM_FAILED)
+        if self._resume_deadline is not None and now >= self._resume_deadline:
+            return self._end(
+                f"could not resume the Voice Agent session within {self.policy.resume_window_s:g} s",
+                Outcome.UPSTREAM_FAILED,
+                upstream=False,
+            )
         started = self.stats.started_at
         if started is not None and now - started >= self.policy.max_call_s:
             return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)

@@ -19,8 +19,9 @@ from typing import Any
 
 import orjson
 
-# Standard base64 with padding: also guarantees nothing in it needs escaping inside JSON.
-is_base64 = re.compile(r"[A-Za-z0-9+/]*={0,2}").fullmatch
+# Standard base64 with padding (whole 4-character groups): also guarantees nothing in it needs
+# escaping inside JSON, and that the byte count derived from its length is exact.
+is_base64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?").fullmatch
 _is_sid = re.compile(r"[A-Za-z0-9_\-]{1,64}").fullmatch
 _is_mark_name = re.compile(r"[A-Za-z0-9_\-.:]{1,128}").fullmatch
 
@@ -238,6 +239,7 @@ def _seq(msg: dict[str, Any]) -> int | None:
 def _as_int(value: object) -> int | None:
     if type(value) is int:
         return value
-    if type(value) is str and value.isdigit() and len(value) < 19:
+    # isascii: str.isdigit() is also true for '²' or '١', which int() rejects or misreads.
+    if type(value) is str and value.isascii() and value.isdigit() and len(value) < 19:
         return int(value)
     return None
