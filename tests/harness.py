@@ -10,12 +10,15 @@ from dataclasses import dataclass
 import trio
 
 from bridge.config import Settings, from_env
+from bridge.phone.rest import TrioHttpClient, TwilioRest
 from bridge.server import serve
 from bridge.web import BridgeApp, Collaborators, create_app, default_collaborators
 from tools.fake_agent import FakeAgent, FakeAgentConfig
-from tools.fake_twilio import FakeTwilio
+from tools.fake_twilio import CallPlan, FakeTwilio
+from tools.fake_twilio_rest import CallRecord, FakeTwilioRest
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+ACCOUNT_SID = "AC" + "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 API_KEY = "aai-test-key-0123456789abcdef"
 PUBLIC = "https://bridge.example.com"
 
@@ -28,6 +31,8 @@ class Running:
     twilio: FakeTwilio
     http_base: str
     shutdown: trio.Event
+    rest: FakeTwilioRest | None = None
+    outbound_plan: CallPlan | None = None  # what the callee does when a REST-placed call is answered
 
 
 def settings_for(agent_url: str, **overrides: str) -> Settings:
@@ -49,12 +54,22 @@ async def running_bridge(
     agent_config: FakeAgentConfig | None = None,
     env: Mapping[str, str] | None = None,
     collaborators: Collaborators | None = None,
+    with_rest: bool = False,
 ) -> AsyncIterator[Running]:
+    """Start a fake agent, the bridge (and, ``with_rest``, a fake Twilio REST API wired to the
+    fake Twilio: a placed call is answered and streams; REST hang-up/redirect act on it)."""
     agent = FakeAgent(agent_config or FakeAgentConfig(api_key=API_KEY))
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)
         settings = settings_for(agent.url, **(env or {}))
-        app = create_app(settings, collaborators or default_collaborators(settings))
+        rest: FakeTwilioRest | None = None
+        if collaborators is None:
+            collaborators = default_collaborators(settings)
+        if with_rest:
+            rest = FakeTwilioRest(ACCOUNT_SID, AUTH_TOKEN)
+            rest_base = await nursery.start(rest.serve)
+            collaborators.control = TwilioRest(ACCOUNT_SID, AUTH_TOKEN, http_client=TrioHttpClient(api_base=rest_base))
+        app = create_app(settings, collaborators)
         shutdown = trio.Event()
         binds = await nursery.start(
             lambda task_status: serve(
@@ -62,11 +77,33 @@ async def running_bridge(
             )
         )
         http_base = binds[0]
-        twilio = FakeTwilio(http_base=http_base, public_base=PUBLIC, auth_token=AUTH_TOKEN)
+        twilio = FakeTwilio(http_base=http_base, public_base=PUBLIC, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+        running = Running(app, settings, agent, twilio, http_base, shutdown, rest)
+        if rest is not None:
+            _wire_rest(rest, running)
         try:
-            yield Running(app, settings, agent, twilio, http_base, shutdown)
+            yield running
         finally:
             shutdown.set()
             with trio.move_on_after(10):
                 await app.idle.wait()
             nursery.cancel_scope.cancel()
+
+
+def _wire_rest(rest: FakeTwilioRest, running: Running) -> None:
+    twilio = running.twilio
+
+    async def answered(call: CallRecord) -> None:
+        assert call.url is not None
+        await twilio.outbound_answered(call.sid, call.url, running.outbound_plan, from_=call.from_, to=call.to)
+
+    async def hung_up(call: CallRecord) -> None:
+        twilio.request_hangup(call.sid)
+
+    async def redirected(call: CallRecord) -> None:
+        twiml = call.redirects[-1].twiml if call.redirects else None
+        twilio.request_redirect(call.sid, twiml or "")
+
+    rest.on_create = answered
+    rest.on_hangup = hung_up
+    rest.on_redirect = redirected
