@@ -69,7 +69,7 @@ async def serve(
     exit_code = 0
     requested = shutdown if shutdown is not None else trio.Event()
 
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as watchers:
 
         async def drain_then_stop() -> None:
             await requested.wait()
@@ -86,15 +86,17 @@ async def serve(
                     elif signum == signal.SIGINT:
                         log.warning("second SIGINT: stopping now")
                         exit_code = 130
-                        nursery.cancel_scope.cancel()
+                        watchers.cancel_scope.cancel()
                         return
 
-        nursery.start_soon(drain_then_stop)
+        watchers.start_soon(drain_then_stop)
         if handle_signals:
-            nursery.start_soon(watch_signals)
-        binds = await nursery.start(
-            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop_serving.wait, mode="asgi")  # type: ignore[arg-type]
-        )
-        task_status.started(list(binds))
-        await stop_serving.wait()
+            watchers.start_soon(watch_signals)
+        async with trio.open_nursery() as serving:
+            binds = await serving.start(
+                functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop_serving.wait, mode="asgi")  # type: ignore[arg-type]
+            )
+            task_status.started(list(binds))
+        # Hypercorn has stopped (drained, or cancelled by a second SIGINT): stop the watchers too.
+        watchers.cancel_scope.cancel()
     return exit_code

@@ -461,3 +461,19 @@ async def test_resume_gives_up_after_the_window(nursery: trio.Nursery, autojump_
     await call.done.wait()
     assert 5.0 <= trio.current_time() - t0 <= 6.0
     assert "resume" in call.summary.reason
+
+
+async def test_speech_after_the_reply_finished_playing_is_not_a_barge_in(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("reply.audio", reply_id="r1", data=payload(1)))
+    await agent.send(ev("reply.done", reply_id="r1", status="completed"))
+    frames = await call.twilio_frames()
+    assert [f["event"] for f in frames] == ["media", "mark"]
+    await call.twilio.send(call.script.mark(frames[1]["mark"]["name"]))  # Twilio: it has played
+    await agent.send(ev("input.speech.started"))
+    assert [f["event"] for f in await call.twilio_frames()] == ["clear"]  # harmless, always sent
+    assert call.session.stats.barge_ins == 0

@@ -286,7 +286,17 @@ def input_audio(payload: str) -> str:
 
 
 def tool_result(call_id: str, result: str, *, is_error: bool = False) -> str:
-    return orjson.dumps({"type": "tool.result", "call_id": call_id, "result": result, "is_error": is_error}).decode()
+    """``tool.result``. Never raises: it runs inside ``CallState``, often on a later ``reply.done``."""
+    event = {"type": "tool.result", "call_id": call_id, "result": result, "is_error": is_error}
+    try:
+        return orjson.dumps(event).decode()
+    except orjson.JSONEncodeError:  # a lone surrogate (e.g. surrogateescape text from a tool)
+        event.update(call_id=_utf8(call_id), result=_utf8(result))
+        return orjson.dumps(event).decode()
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def reply_create(instructions: str | None = None) -> str:

@@ -173,6 +173,7 @@ class CallState:
         "_interrupted",
         "_mark_seq",
         "_pending_marks",
+        "_playback_mark",
         "_ready_deadline",
         "_resume_attempts",
         "_resume_deadline",
@@ -218,6 +219,7 @@ class CallState:
         self._pending_marks: set[str] = set()
         self._cleared_marks: set[str] = set()
         self._mark_seq = 0
+        self._playback_mark: str | None = None  # echoed when the last reply's audio has played
         self._gate_open = True
         self._held_results: list[tuple[str, str, bool, float]] = []
         self._tools: dict[str, _ToolCallState] = {}
@@ -331,6 +333,9 @@ class CallState:
         if name not in self._pending_marks:
             return [Log(logging.DEBUG, f"ignored echo of unknown mark {name!r}")]
         self._pending_marks.discard(name)
+        if name == self._playback_mark:
+            self._playback_mark = None
+            self.audio_since_clear = False  # everything sent has been heard: nothing to barge into
         if name == self._goodbye_mark:
             self._goodbye_mark = None
             self._goodbye_deadline = None
@@ -482,6 +487,8 @@ class CallState:
         if self._end_call_reply is not None and self._end_call_reply in (event.reply_id, ""):
             self._end_call_reply = None
             actions.append(self._send_goodbye_mark(now))
+        elif self.audio_since_clear and self.stream_sid:
+            actions.append(self._send_playback_mark())
         return actions
 
     def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
@@ -595,10 +602,18 @@ class CallState:
         self.epoch += 1
         self._cleared_marks |= self._pending_marks
         self._pending_marks = set()
+        self._playback_mark = None
         if self._goodbye_mark is not None:
             self._goodbye_mark = None
             self._goodbye_deadline = None
         return SendPhone(tw.clear_frame(self.stream_sid))
+
+    def _send_playback_mark(self) -> SendPhone:
+        self._mark_seq += 1
+        name = f"played-{self._mark_seq}"
+        self._pending_marks.add(name)
+        self._playback_mark = name
+        return SendPhone(tw.mark_frame(self.stream_sid, name))
 
     def _send_goodbye_mark(self, now: float) -> Action:
         self._mark_seq += 1
