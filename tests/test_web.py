@@ -1,0 +1,96 @@
+"""Webhooks, health, metrics and call-status records through the real app on loopback."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import orjson
+import pytest
+import trio
+
+from bridge.observe import CallTags, call_tags, setup_logging
+from tests.harness import API_KEY, AUTH_TOKEN, running_bridge
+from tools.fake_agent import FakeAgentConfig
+from tools.fake_twilio import CallPlan
+
+CALL_SID = "CA" + "1" * 32
+
+
+async def test_healthz_metrics_and_call_outcome() -> None:
+    async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False)) as bridge:
+        async with httpx.AsyncClient(base_url=bridge.http_base) as http:
+            health = await http.get("/healthz")
+            assert health.status_code == 200 and health.json() == {"status": "ok", "active_calls": 0}
+            with trio.fail_after(30):
+                await bridge.twilio.call(CallPlan(speed=10.0, hangup_after_s=2.0))
+            with trio.fail_after(5):
+                while bridge.app.active_calls:
+                    await trio.sleep(0.01)
+            text = (await http.get("/metrics")).text
+        assert 'bridge_calls_total{outcome="caller_hung_up"} 1.0' in text
+        assert "bridge_active_calls 0.0" in text
+        assert 'bridge_upstream_connects_total{result="ok"} 1.0' in text
+        sent = [line for line in text.splitlines() if line.startswith('bridge_frames_total{direction="bridge_to_twilio"')]
+        assert sent and float(sent[0].split()[-1]) > 0
+        assert "bridge_time_to_first_agent_audio_seconds_count 1.0" in text
+
+
+async def test_call_status_records_outcomes_and_warns_on_unanswered(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bridge.web")
+    async with running_bridge() as bridge:
+        ok = await bridge.twilio.post_status_callback(
+            CALL_SID, "completed", url="/call-status", call_duration_s=42, sip_response_code=200
+        )
+        assert ok.status_code == 204
+        busy = await bridge.twilio.post_status_callback(
+            "CA" + "2" * 32, "busy", url="/call-status", direction="outbound-api", sip_response_code=486
+        )
+        assert busy.status_code == 204
+        unsigned = await bridge.twilio.post_webhook("/call-status", {"CallSid": CALL_SID}, sign=False)
+        assert unsigned.status_code == 403
+    record = bridge.app.call_outcomes[CALL_SID]
+    assert (record.status, record.duration_s, record.sip_code) == ("completed", "42", "200")
+    assert bridge.app.call_outcomes["CA" + "2" * 32].status == "busy"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("status busy" in m and "did not pick up" in m for m in warnings)
+
+
+async def test_draining_server_answers_busy_and_healthz_503() -> None:
+    async with running_bridge() as bridge:
+        bridge.app.start_drain()
+        async with httpx.AsyncClient(base_url=bridge.http_base) as http:
+            assert (await http.get("/healthz")).status_code == 503
+        response = await bridge.twilio.post_webhook("/twiml", {"CallSid": CALL_SID, "From": "+1", "To": "+2"})
+        assert response.status_code == 200
+        assert "<Connect>" not in response.text and "<Hangup" in response.text and "<Say>" in response.text
+        assert bridge.agent.connections_total == 0
+
+
+async def test_twiml_passes_call_parameters_and_the_fallback() -> None:
+    async with running_bridge() as bridge:
+        response = await bridge.twilio.post_webhook(
+            "/twiml", {"CallSid": CALL_SID, "From": "+14155550123", "To": "+14155550100"}
+        )
+    assert response.headers["content-type"].startswith("text/xml")
+    body = response.text
+    assert '<Stream statusCallback="https://bridge.example.com/stream-status"' in body
+    assert 'url="wss://bridge.example.com/media-stream/i.' + CALL_SID in body
+    assert '<Parameter name="From" value="+14155550123" />' in body
+    assert '<Parameter name="CallSid" value="' + CALL_SID + '" />' in body
+    assert body.index("</Connect>") < body.index("<Say>") < body.index("<Hangup />")
+    assert AUTH_TOKEN not in body and API_KEY not in body
+
+
+def test_json_logs_carry_the_call_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO", "json", secrets=["supersecretvalue123"])
+    try:
+        token = call_tags.set(CallTags("c-1234", CALL_SID, "sess_1"))
+        logging.getLogger("bridge.call").info("agent: hello (key supersecretvalue123)")
+        call_tags.reset(token)
+        entry = orjson.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    finally:
+        logging.getLogger().handlers.clear()
+    assert entry["call_id"] == "c-1234" and entry["call_sid"] == CALL_SID and entry["session_id"] == "sess_1"
+    assert entry["msg"] == "agent: hello (key [redacted])"
+    assert entry["level"] == "info" and entry["logger"] == "bridge.call"
