@@ -75,6 +75,19 @@ import trio
 from bridge.call.context import CallContext
 from bridge.errors import BridgeError, ConfigError
 
+
+# Sync tools get threads of their own: a hung tool whose thread was abandoned at its timeout
+# keeps its slot until it returns, and must not starve Trio's default limiter (DNS, hooks...).
+TOOL_THREADS = 32
+_limiter: trio.CapacityLimiter | None = None
+
+
+def _tool_threads() -> trio.CapacityLimiter:
+    global _limiter
+    if _limiter is None:
+        _limiter = trio.CapacityLimiter(TOOL_THREADS)
+    return _limiter
+
 log = logging.getLogger("bridge.tools")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -469,7 +482,9 @@ class Tool:
             result = await self._fn(**kwargs)
         else:
             # Sync tools may block (HTTP, databases): keep them off the event loop.
-            result = await trio.to_thread.run_sync(functools.partial(self._fn, **kwargs), abandon_on_cancel=True)
+            result = await trio.to_thread.run_sync(
+                functools.partial(self._fn, **kwargs), abandon_on_cancel=True, limiter=_tool_threads()
+            )
         return encode_result(result)
 
 
