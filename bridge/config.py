@@ -30,7 +30,7 @@ DEFAULT_VOICE = "ivy"
 DEFAULT_FALLBACK_MESSAGE = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 DEFAULT_BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes."
 
-_E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # fullmatch: "$" would accept a trailing newline
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _VOICE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
@@ -70,7 +70,7 @@ class Persona:
 class Settings:
     """Every setting of the service. Built once by :func:`from_env`; never mutated."""
 
-    assemblyai_api_key: str
+    assemblyai_api_key: str = field(repr=False)
     public: PublicBase
     port: int = 3000
     bind_host: str = "0.0.0.0"
@@ -79,7 +79,7 @@ class Settings:
     outbound: Persona = Persona(DEFAULT_SYSTEM_PROMPT, DEFAULT_OUTBOUND_GREETING, DEFAULT_VOICE)
     outbound_greeting_delay_ms: int = 500
     twilio_account_sid: str | None = None
-    twilio_auth_token: str | None = None
+    twilio_auth_token: str | None = field(default=None, repr=False)
     twilio_phone_number: str | None = None
     target_phone_number: str | None = None
     stream_token_secret: bytes = field(default=b"", repr=False)
@@ -233,7 +233,7 @@ def from_env(
         )
 
     voice_agent_url = r.text("VOICE_AGENT_URL", DEFAULT_VOICE_AGENT_URL)
-    if not voice_agent_url.startswith(("wss://", "ws://")) or not urlsplit(voice_agent_url).hostname:
+    if not voice_agent_url.startswith(("wss://", "ws://")) or not _hostname(voice_agent_url):
         raise ConfigError(
             f"VOICE_AGENT_URL={voice_agent_url!r} is not a WebSocket URL: use e.g. "
             f"VOICE_AGENT_URL={DEFAULT_VOICE_AGENT_URL}"
@@ -292,7 +292,11 @@ def parse_public_base(r: EnvReader | Mapping[str, str]) -> tuple[PublicBase, str
     )
     text = raw.strip()
     has_scheme = "://" in text
-    parts = urlsplit(text if has_scheme else f"https://{text}")
+    try:
+        parts = urlsplit(text if has_scheme else f"https://{text}")
+        parts.hostname  # noqa: B018 - validates a bracketed IPv6 host
+    except ValueError:  # e.g. an unclosed "[" or a bracketed non-IPv6 host
+        raise ConfigError(f"{name}={raw!r} is not a valid URL: use e.g. {name}=https://abc.ngrok.app") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https", "ws", "wss"):
         raise ConfigError(f"{name}={raw!r} has scheme {scheme!r}: use https://your-host (or http:// for local tests)")
@@ -375,7 +379,9 @@ class EnvReader:
         if value is None:
             return default
         if not _VOICE.match(value):
-            hint = f" (voice names are case-sensitive: try {name}={value.lower()})" if value != value.lower() else ""
+            # Suggest only a valid id: the raw value may hold a newline (the error must stay one line).
+            suggest = value != value.lower() and _VOICE.fullmatch(value.lower())
+            hint = f" (voice names are case-sensitive: try {name}={value.lower()})" if suggest else ""
             raise ConfigError(f"{name}={value!r} is not a voice id: use a lower-case name such as {name}=ivy{hint}")
         return value
 
@@ -392,8 +398,15 @@ class EnvReader:
         return value
 
 
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # urlsplit raises on an unclosed "[" or a bracketed non-IPv6 host
+        return None
+
+
 def check_e164(name: str, value: str) -> str:
     """Return ``value`` if it is an E.164 number, else raise a one-line ConfigError naming ``name``."""
-    if not _E164.match(value):
+    if not _E164.fullmatch(value):
         raise ConfigError(f"{name}={value!r} is not an E.164 phone number: use e.g. {name}=+14155550100")
     return value

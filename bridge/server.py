@@ -30,7 +30,9 @@ def hypercorn_config(settings: Settings, *, bind: Sequence[str] | None = None) -
     config.bind = list(bind or [f"{settings.bind_host}:{settings.port}"])
     # A Twilio frame is ~300 bytes: anything far bigger is hostile and closes with 1009.
     config.websocket_max_message_size = settings.max_twilio_frame_bytes
-    config.graceful_timeout = 5.0  # calls are ended by our drain before shutdown starts
+    # Calls are ended by our drain before shutdown starts; only idle keep-alive connections are
+    # left, and Hypercorn would hold the exit this long for them.
+    config.graceful_timeout = 1.0
     config.keep_alive_timeout = 75.0  # longer than typical reverse-proxy idle timeouts
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")

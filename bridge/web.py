@@ -128,7 +128,7 @@ class BridgeApp:
         if not self.calls.admit(grant.token, call_id, session, now=self.deps.wall_clock()):
             self.metrics.rejected_streams.labels("capacity").inc()
             log.warning("refused a Media Stream: at capacity (%d calls) or draining", self.calls.max_calls)
-            await reject(send, 403)
+            await reject(send, 503)
             return
         await send({"type": "websocket.accept"})
         self._sessions[call_id] = session

@@ -414,6 +414,7 @@ class CallState:
         if stats.first_audio_at is None:
             stats.first_audio_at = now
         self.audio_since_clear = True
+        self._playback_mark = None  # this audio plays after that mark: its echo no longer means "all heard"
         stats.frames_to_twilio += 1
         return [SendPhone(tw.media_frame(self.stream_sid, event.data), self.epoch)]
 

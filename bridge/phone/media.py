@@ -239,7 +239,7 @@ def _seq(msg: dict[str, Any]) -> int | None:
 def _as_int(value: object) -> int | None:
     if type(value) is int:
         return value
-    # isascii: str.isdigit() is also true for '²' or '١', which int() rejects or misreads.
+    # isascii: str.isdigit() is also true for '²' (int() rejects it) and for non-ASCII digits.
     if type(value) is str and value.isascii() and value.isdigit() and len(value) < 19:
         return int(value)
     return None

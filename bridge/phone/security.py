@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -57,7 +58,7 @@ class StreamGrant:
 
 def mint_token(secret: bytes, call_sid: str, direction: Direction, *, now: float, ttl_s: float) -> str:
     """A short-lived, unguessable stream id bound to ``call_sid``. URL-path safe."""
-    expiry = int(now + ttl_s)
+    expiry = math.ceil(now + ttl_s)  # int() would cut up to 1 s off the TTL (all of it at TTL 1 s)
     body = f"{direction[0]}.{call_sid}.{expiry}.{secrets.token_hex(8)}"
     return f"{body}.{_mac(secret, body)}"
 

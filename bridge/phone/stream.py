@@ -66,6 +66,12 @@ class AsgiPhoneSocket:
         self._closed = True
         with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send({"type": "websocket.close", "code": code})
+        # Hypercorn hands frames to the app through a small queue and, once the app returns, puts
+        # websocket.disconnect into that same queue: if Twilio kept sending while nobody read,
+        # the queue is full and Hypercorn's connection task blocks for ever (a leaked socket).
+        # Drain it until Twilio's close arrives (the caller bounds this wait).
+        while (await self._receive())["type"] != "websocket.disconnect":
+            pass
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -77,12 +83,12 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 
 async def reject(send: Send, status: int = 403) -> None:
-    """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response)."""
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"9")],
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": b"Forbidden"})
+    """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response).
+
+    403: not Twilio, or not a call we answered. 503: full or draining, which a reverse proxy may
+    retry on another instance (``proxy_next_upstream http_503``).
+    """
+    body = b"Forbidden\n" if status == 403 else b"Service Unavailable\n"
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
