@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import logging
 
+import pytest
 import trio
 
 from tests.harness import API_KEY, running_bridge
@@ -87,3 +89,20 @@ async def test_upstream_drop_is_resumed_without_dropping_the_caller() -> None:
             with trio.fail_after(5):
                 await session.ended.wait()
             await _no_orphans(bridge)
+
+
+async def test_rejected_voice_is_logged_in_one_line_and_the_caller_hears_the_fallback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env={"VOICE": "claire"}) as bridge:
+        with trio.fail_after(30):
+            result = await bridge.twilio.call(CallPlan(speed=5.0, max_call_s=20.0))
+        assert result.ended_by == "server"
+        assert result.post_connect_verbs and result.post_connect_verbs[0].startswith("Say")
+        await _no_orphans(bridge)
+    lines = [r.getMessage() for r in caplog.records if "was rejected by the Voice Agent API" in r.getMessage()]
+    assert lines and lines[0].startswith("VOICE 'claire' was rejected by the Voice Agent API: ")
+    assert "ivy" in lines[0]  # the service's message lists the valid voices
+    assert "\n" not in lines[0]
