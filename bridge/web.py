@@ -38,6 +38,7 @@ log = logging.getLogger("bridge.web")
 
 _CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 _MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook bodies are ~1-2 KB
+_CLOSE = {"Connection": "close"}  # we did not read the body: the connection cannot be reused
 _CALL_STATUS_LOG = {
     "busy": logging.WARNING,
     "failed": logging.WARNING,
@@ -197,12 +198,12 @@ class BridgeApp:
         """The webhook's form, or a 4xx response if it is too big or not signed by Twilio."""
         if (request.content_length or 0) > _MAX_FORM_BYTES:
             self.metrics.webhooks.labels(route, "too_large").inc()
-            return {}, Response("Request too large\n", status=413, mimetype="text/plain")
+            return {}, Response("Request too large\n", status=413, mimetype="text/plain", headers=_CLOSE)
         try:
             form = await request.form
         except Exception:
             self.metrics.webhooks.labels(route, "bad_request").inc()
-            return {}, Response("Unreadable form body\n", status=400, mimetype="text/plain")
+            return {}, Response("Unreadable form body\n", status=400, mimetype="text/plain", headers=_CLOSE)
         if self.signatures is not None:
             query = request.query_string.decode("latin-1")
             url = self.settings.public.http_url(request.path + (f"?{query}" if query else ""))
@@ -217,7 +218,7 @@ class BridgeApp:
         s = self.settings
         call_sid = form.get("CallSid", "")
         now = self.deps.wall_clock()
-        if not _CALL_SID.match(call_sid):
+        if not _CALL_SID.fullmatch(call_sid):  # match() + $ would accept a trailing newline
             return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
         token = mint_token(s.stream_token_secret, call_sid, direction, now=now, ttl_s=s.stream_token_ttl_s)
         if not self.calls.reserve(token, expires_at=now + s.stream_token_ttl_s, now=now):

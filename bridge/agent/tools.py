@@ -75,7 +75,6 @@ import trio
 from bridge.call.context import CallContext
 from bridge.errors import BridgeError, ConfigError
 
-
 # Sync tools get threads of their own: a hung tool whose thread was abandoned at its timeout
 # keeps its slot until it returns, and must not starve Trio's default limiter (DNS, hooks...).
 TOOL_THREADS = 32
