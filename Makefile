@@ -24,7 +24,7 @@ typecheck: $(STAMP)
 	@$(BIN)/mypy
 
 unit: $(STAMP)
-	@$(BIN)/python -m pytest
+	@$(BIN)/python -m pytest -q
 
 outbound: $(STAMP)  ## place an outbound call: make outbound [TO=+1555...] [FROM=+1555...]
 	@$(BIN)/python -m bridge call $(if $(TO),--to $(TO)) $(if $(FROM),--from $(FROM))

@@ -171,6 +171,7 @@ class BridgeApp:
             voice=persona.voice,
             caller_burst_ms=s.caller_audio_burst_ms,
             resume_window_s=s.resume_window_s,
+            twilio_silence_s=s.twilio_silence_s,
         )
         control_tools = call_control_definitions(s.end_call_tool, transfer_numbers)
         tools, hook = self.deps.tools, self.deps.session_hook

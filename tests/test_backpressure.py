@@ -140,12 +140,12 @@ async def send_media_until_closed(client: StreamClient) -> None:
             await trio.sleep(0.02)
 
 
-async def test_agent_that_stops_reading_is_bounded_and_ended_as_stuck(caplog: pytest.LogCaptureFixture) -> None:
+async def test_agent_that_stops_reading_is_bounded_then_dropped_and_resumed(caplog: pytest.LogCaptureFixture) -> None:
     """The agent stops reading its socket (and stays stalled longer than the send deadline).
     Caller audio for it is dropped and counted once AGENT_OUT_FRAMES (1 s) are queued, never
-    piled up; after SEND_DEADLINE_S the call is ended as ``stuck`` with the reason logged (the
-    keepalive ping, 10 s + 5 s, would come later: the send deadline fires first). A concurrent
-    healthy call keeps streaming with no gap."""
+    piled up; after SEND_DEADLINE_S the bridge cuts that upstream connection (logged) and resumes
+    the session on a new one, so the caller stays on the line. A concurrent healthy call keeps
+    streaming with no gap."""
     caplog.set_level(logging.INFO, "bridge.call")
     faults = FaultPlan()
     config = FakeAgentConfig(api_key=API_KEY, vad=False, faults=faults)
@@ -167,7 +167,7 @@ async def test_agent_that_stops_reading_is_bounded_and_ended_as_stuck(caplog: py
         stalled: list[CallResult] = []
 
         async def stalled_call() -> None:
-            stalled.append(await bridge.twilio.call(CallPlan(speed=10.0, max_call_s=300.0)))
+            stalled.append(await bridge.twilio.call(CallPlan(speed=10.0, hangup_after_s=120.0)))
 
         nursery.start_soon(stalled_call)
         with trio.fail_after(10):
@@ -188,29 +188,28 @@ async def test_agent_that_stops_reading_is_bounded_and_ended_as_stuck(caplog: py
     (stalled_result,) = stalled
     (healthy_result,) = healthy
     stalled_sid, healthy_sid = stalled_result.call_sid, healthy_result.call_sid
-    by_sid = {field_of(s, "outcome"): s for s in summaries(caplog)}
-    assert set(by_sid) == {"stuck", "caller_hung_up"}, summaries(caplog)
+    lines = summaries(caplog)
+    assert [field_of(s, "outcome") for s in lines] == ["caller_hung_up", "caller_hung_up"], lines
+    stuck = max(lines, key=dropped_backpressure)  # the stalled call's summary
 
-    # The stalled call: ended as stuck, with the reason in the log; Twilio runs the fallback.
-    stuck = by_sid["stuck"]
-    assert "reason=call stuck: the Voice Agent did not accept data for 5 s" in stuck
-    assert any(
-        r.levelno == logging.WARNING and r.getMessage().startswith("call ending: call stuck") for r in caplog.records
-    )
-    # The TCP buffers fill in ~1 s at speed 10; under load the kernel may trickle a little more.
-    assert SEND_DEADLINE_S <= ended_after <= 12.0
-    assert stalled_result.ended_by == "server"
-    assert [v.split(":")[0] for v in stalled_result.post_connect_verbs] == ["Say", "Hangup"]
+    # The stalled call: the stalled connection was cut after the send deadline and the session
+    # resumed on a new one; the caller stayed on the line until they hung up.
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("the Voice Agent did not accept data for 5 s: dropping the connection") for m in messages)
+    assert any(m.startswith(f"agent session {stalled_session.session_id} resumed") for m in messages)
+    assert bridge.agent.connections_total == 3  # healthy + stalled + the resume
+    assert stalled_result.ended_by == "caller" and stalled_result.post_connect_verbs == []
+    assert ended_after >= SEND_DEADLINE_S
     # Memory stayed bounded: at most AGENT_OUT_FRAMES of caller audio queued, the rest dropped
     # and counted (seconds of it), and nothing else queued for the agent.
     assert peaks.agent_out[stalled_sid] <= AGENT_OUT_FRAMES
     assert dropped_backpressure(stuck) > 500  # > 1 s of speed-10 audio in ~5 s of stall
     sent, received = (int(n) for n in re.search(r"twilio->agent=(\d+)/(\d+)", stuck).groups())  # type: ignore[union-attr]
-    assert sent < received / 2
+    assert sent < received  # some caller audio was dropped rather than queued
     assert len(stalled_session.input_audio) < sent  # the agent really did stop reading
 
     # The healthy call: unaffected, frames flowing throughout, never a drop.
-    ok = by_sid["caller_hung_up"]
+    ok = min(lines, key=dropped_backpressure)
     assert healthy_result.ended_by == "caller" and healthy_result.violations == []
     assert dropped_backpressure(ok) == 0 and peaks.agent_out[healthy_sid] < AGENT_OUT_FRAMES
     assert len(healthy_frames.times) > 1000
@@ -303,12 +302,6 @@ async def test_twilio_that_stops_reading_is_bounded_and_ended_as_stuck(caplog: p
     assert healthy_frames.max_gap() < MAX_HEALTHY_GAP_S, healthy_frames.max_gap()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Hypercorn shields send_all, so a send to a Twilio that stopped reading cannot be "
-    "cancelled: SEND_DEADLINE_S never fires for Twilio and the stuck call's nursery waits on "
-    "_phone_tx until the socket moves again (no summary, active_calls stays 1)",
-)
 async def test_stuck_twilio_call_finishes_while_twilio_is_still_stalled(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "bridge.call")
     config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=FLOOD_SPEED, record_audio=False)

@@ -405,17 +405,10 @@ async def test_oversized_twilio_frame_closes_that_socket_with_1009_and_nothing_e
         assert await _healthz(bridge) == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Hypercorn 0.18 never tells the app about its own 1009 close, and drops the peer's close reply "
-    "while the rest of the oversized frame is still arriving: a peer that keeps TCP open holds the call "
-    "(and its upstream session) until MAX_CALL_SECONDS. Needs a Twilio-silence deadline in the session.",
-)
-async def test_a_peer_that_keeps_tcp_open_after_1009_does_not_hold_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bridge.call import session as call_session
-
-    monkeypatch.setattr(call_session, "PHONE_SILENCE_S", 1.0, raising=False)  # the suggested fix's knob
-    async with running_bridge(agent_config=_agent()) as bridge:
+async def test_a_peer_that_keeps_tcp_open_after_1009_does_not_hold_the_call() -> None:
+    # Hypercorn 0.18 never tells the app about its own 1009 close, and a peer that keeps its TCP
+    # connection open would hold the call (and its upstream session): TWILIO_SILENCE_S ends it.
+    async with running_bridge(agent_config=_agent(), env={"TWILIO_SILENCE_S": "1"}) as bridge:
         call_sid, url = await _stream_url(bridge)
         async with _raw_stream(bridge, url) as (ws, _stream):
             await _start_frames(ws, call_sid)

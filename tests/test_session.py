@@ -46,6 +46,7 @@ async def whoami(context: CallContext) -> str:
 
 
 def make_setup(**policy: Any) -> CallSetup:
+    policy.setdefault("twilio_silence_s", 3600.0)  # these fake Twilios only speak when told to
     async def session_config(context: CallContext) -> ag.SessionConfig:
         return CONFIG
 
@@ -477,3 +478,29 @@ async def test_speech_after_the_reply_finished_playing_is_not_a_barge_in(
     await agent.send(ev("input.speech.started"))
     assert [f["event"] for f in await call.twilio_frames()] == ["clear"]  # harmless, always sent
     assert call.session.stats.barge_ins == 0
+
+
+async def test_a_silent_twilio_socket_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery, make_setup(twilio_silence_s=10.0))
+    agent = await call.start()
+    t0 = trio.current_time()
+    await call.done.wait()  # Twilio's TCP is still open, but it sends nothing
+    assert 10.0 <= trio.current_time() - t0 <= 11.0
+    assert call.summary.outcome is Outcome.STUCK and "Twilio sent nothing" in call.summary.reason
+    assert {"type": "session.end"} in await drain(agent)
+
+
+async def test_an_upstream_that_stops_reading_is_dropped(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+
+    async def never_returns(text: str) -> None:
+        await trio.sleep_forever()
+
+    call.connector.sockets[0].send = never_returns  # type: ignore[method-assign]
+    await call.twilio.send(call.script.media(payload(1)))
+    t0 = trio.current_time()
+    await call.done.wait()  # in-memory sockets cannot be cut, so the call ends as stuck
+    assert 5.0 <= trio.current_time() - t0 <= 6.5
+    assert call.summary.outcome is Outcome.STUCK
+    del agent

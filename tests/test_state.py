@@ -6,6 +6,7 @@ codecs, so the state machine sees exactly what it sees in production.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -220,7 +221,11 @@ def logs(actions: Sequence[Action]) -> list[Log]:
 
 
 def run(steps: Sequence[Step], policy: CallPolicy | None = None, **kw: Any) -> tuple[CallState, list[list[Action]]]:
-    state = CallState(policy or CallPolicy(), **kw)
+    # These tables jump minutes between Twilio messages; silence has its own tests below.
+    policy = policy or CallPolicy()
+    if policy.twilio_silence_s == CallPolicy().twilio_silence_s:
+        policy = dataclasses.replace(policy, twilio_silence_s=1e9)
+    state = CallState(policy, **kw)
     return state, [step(state) for step in steps]
 
 
@@ -1111,3 +1116,26 @@ def test_any_event_order_ends_at_most_once_and_stays_quiet(steps: list[tuple[str
         assert state.epoch >= epoch
         epoch = state.epoch
     assert ended <= 1
+
+
+def test_twilio_silence_ends_the_call_on_tick() -> None:
+    state = CallState(CallPolicy(twilio_silence_s=10.0))
+    state.on_phone_opened(100.0)
+    assert state.on_tick(109.9) == []
+    (end,) = quiet(state.on_tick(110.0))
+    assert isinstance(end, EndCall) and end.outcome is Outcome.STUCK
+
+
+def test_any_twilio_message_resets_the_silence_clock() -> None:
+    state = CallState(CallPolicy(twilio_silence_s=10.0))
+    state.on_phone_opened(0.0)
+    state.on_phone(tw.InvalidFrame("x"), 9.0)
+    assert quiet(state.on_tick(18.9)) == []
+    assert isinstance(quiet(state.on_tick(19.0))[0], EndCall)
+
+
+def test_media_after_the_end_is_not_counted_as_a_pre_ready_drop() -> None:
+    state, _ = run(LIVE)
+    state.end_now("bye", Outcome.CALLER_HUNG_UP)
+    state.on_phone(media(), 9.0)
+    assert state.stats.frames_dropped_pre_ready == 0

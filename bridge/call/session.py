@@ -47,7 +47,7 @@ KEEPALIVE_S = 10.0  # ping the upstream this often...
 PING_TIMEOUT_S = 5.0  # ...and treat it as dropped when the pong is this late (a read stall)
 GOODBYE_S = 0.75  # session.end -> session.ended; keeps the whole teardown under one second
 CLOSE_S = 0.25  # closing each socket, shielded
-TICK_S = 0.1
+TICK_S = 0.25  # deadlines are coarse (seconds): 4 wake-ups per call per second are plenty
 REST_DEADLINE_S = 10.0
 SILENCE_FRAME_MS = 20
 
@@ -134,6 +134,11 @@ class CallSession:
         self._nursery: trio.Nursery | None = None
         self._tags = CallTags(setup.call_id)
         self._speech_stopped_at: float | None = None
+        # Send watchdogs, checked by the ticker: one cancel scope per frame would cost more.
+        self._phone_send_since: float | None = None
+        self._agent_send_since: float | None = None
+        self._agent_tx_scope: trio.CancelScope | None = None
+        self._phone_tx_done = trio.Event()
         self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[str](AGENT_OUT_FRAMES)
         self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](PHONE_OUT_FRAMES)
 
@@ -152,21 +157,30 @@ class CallSession:
         metrics = self.setup.metrics
         if metrics:
             metrics.active_calls.inc()
+        self.state.on_phone_opened(started)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._phone_rx)
                 nursery.start_soon(self._phone_tx)
                 nursery.start_soon(self._ticker)
-                await self._ended.wait()
-                await self._goodbye()
-                nursery.cancel_scope.cancel()
+                try:
+                    await self._ended.wait()
+                    await self._goodbye()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await self._release_phone_writer()
         finally:
             with trio.CancelScope(shield=True):
-                await self._close_sockets()
+                try:
+                    await self._close_sockets()
+                except Exception:  # teardown must finish and account for the call, whatever a peer did
+                    log.exception("closing the call's sockets failed")
             if metrics:
                 metrics.active_calls.dec()
-        return self._summarise(started)
+            summary = self._summarise(started)
+        return summary
 
     # --- the Twilio leg ---------------------------------------------------------------------
 
@@ -180,19 +194,19 @@ class CallSession:
             apply(state.on_phone(parse(frame), clock()))
 
     async def _phone_tx(self) -> None:
-        state, phone = self.state, self._phone
-        async with self._phone_out_recv:
-            async for text, epoch in self._phone_out_recv:
-                if epoch is not None and epoch != state.epoch:
-                    continue  # agent audio queued before a clear: never play it
-                try:
-                    with trio.fail_after(SEND_DEADLINE_S):
-                        await phone.send(text)
-                except trio.TooSlowError:
-                    self._stuck("Twilio did not accept audio for 5 s")
-                    return
-                except SocketClosed:
-                    return
+        state, phone, clock = self.state, self._phone, self._clock
+        try:
+            async with self._phone_out_recv:
+                async for text, epoch in self._phone_out_recv:
+                    if epoch is not None and epoch != state.epoch:
+                        continue  # agent audio queued before a clear: never play it
+                    self._phone_send_since = clock()
+                    await phone.send(text)
+                    self._phone_send_since = None
+        except SocketClosed:
+            return
+        finally:
+            self._phone_tx_done.set()
 
     # --- the agent leg ----------------------------------------------------------------------
 
@@ -331,22 +345,32 @@ class CallSession:
                 self._upstream_gone.set()
 
     async def _agent_tx(self, sock: MessageSocket) -> None:
-        recv = self._agent_out_recv
-        while True:
-            try:
-                text = await recv.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            try:
-                with trio.fail_after(SEND_DEADLINE_S):
+        recv, clock = self._agent_out_recv, self._clock
+        with trio.CancelScope() as stall:  # cancelled by the ticker when one send takes too long
+            self._agent_tx_scope = stall
+            while True:
+                try:
+                    text = await recv.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                self._agent_send_since = clock()
+                try:
                     await sock.send(text)
-            except trio.TooSlowError:
-                self._stuck("the Voice Agent did not accept data for 5 s")
+                except SocketClosed:
+                    return  # the reader sees the close and decides
+                finally:
+                    self._agent_send_since = None
+                if text is ag.SESSION_END:
+                    self._session_end_sent = True
+        if stall.cancelled_caught:
+            abort = getattr(sock, "abort", None)
+            if abort is None:
+                self._stuck(f"the Voice Agent did not accept data for {SEND_DEADLINE_S:g} s")
                 return
-            except SocketClosed:
-                return  # the reader sees the close and decides
-            if text is ag.SESSION_END:
-                self._session_end_sent = True
+            # An upstream that stops reading is as good as dropped: cut it and let the reader's
+            # close start a resume (the session is kept for 30 s), keeping the caller on the line.
+            log.warning("the Voice Agent did not accept data for %g s: dropping the connection", SEND_DEADLINE_S)
+            await abort()
 
     # --- side tasks -------------------------------------------------------------------------
 
@@ -354,7 +378,14 @@ class CallSession:
         state, clock, apply = self.state, self._clock, self._apply
         while True:
             await trio.sleep(TICK_S)
-            apply(state.on_tick(clock()))
+            now = clock()
+            apply(state.on_tick(now))
+            since = self._phone_send_since
+            if since is not None and now - since >= SEND_DEADLINE_S:
+                self._stuck(f"Twilio did not accept audio for {SEND_DEADLINE_S:g} s")
+            since = self._agent_send_since
+            if since is not None and now - since >= SEND_DEADLINE_S and self._agent_tx_scope is not None:
+                self._agent_tx_scope.cancel()
 
     async def _outbound_silence(self) -> None:
         """Keep the callee's audio path open with silence until the agent's audio starts."""
@@ -479,6 +510,18 @@ class CallSession:
         self._apply(self.state.end_now(f"call stuck: {reason}", st.Outcome.STUCK))
 
     # --- teardown -----------------------------------------------------------------------------
+
+    async def _release_phone_writer(self) -> None:
+        """After cancelling the call's tasks: Hypercorn shields its socket writes, so a writer
+        blocked on a Twilio that stopped reading would never finish. Give it ``CLOSE_S``, then
+        drop the connection under it. Shielded by the caller."""
+        with trio.move_on_after(CLOSE_S):
+            await self._phone_tx_done.wait()
+        if not self._phone_tx_done.is_set():
+            log.warning("Twilio is not reading: dropping its connection")
+            abort = getattr(self._phone, "abort", None)
+            if abort is not None:
+                await abort()
 
     async def _goodbye(self) -> None:
         """Tell the agent we are done (``session.end``) and wait, bounded, for it to close."""

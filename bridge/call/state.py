@@ -155,6 +155,9 @@ class CallPolicy:
     caller_burst_ms: float = 2000.0
     # Upstream drops are resumed within this window (the service holds a session for 30 s).
     resume_window_s: float = 25.0
+    # Twilio sends media every 20 ms for the whole call: this much silence on the socket means
+    # the peer is gone (or hostile), even if its TCP connection stays open.
+    twilio_silence_s: float = 10.0
 
 
 class CallState:
@@ -171,6 +174,7 @@ class CallState:
         "_goodbye_mark",
         "_held_results",
         "_interrupted",
+        "_last_phone_at",
         "_mark_seq",
         "_pending_marks",
         "_playback_mark",
@@ -228,6 +232,7 @@ class CallState:
         self._goodbye_deadline: float | None = None
         self._bucket_ms = policy.caller_burst_ms
         self._bucket_at = 0.0
+        self._last_phone_at: float | None = None
 
     @property
     def ending(self) -> bool:
@@ -235,8 +240,13 @@ class CallState:
 
     # --- Twilio side ----------------------------------------------------------------------------
 
+    def on_phone_opened(self, now: float) -> None:
+        """The stream was accepted: Twilio's silence is timed from here."""
+        self._last_phone_at = now
+
     def on_phone(self, event: tw.TwilioEvent | tw.InvalidFrame, now: float) -> list[Action]:
         """Decide what a Twilio message means for the call."""
+        self._last_phone_at = now
         if type(event) is tw.Media:
             return self._on_media(event, now)
         if self.phase is Phase.ENDING:
@@ -301,6 +311,8 @@ class CallState:
         if self.phase is not Phase.LIVE:
             if self.phase is Phase.AWAITING_START:
                 return self._invalid_twilio("media before start")
+            if self.phase is Phase.ENDING:
+                return []  # the call is over: neither forwarded nor counted as a drop
             if self.phase is Phase.RECONNECTING:
                 stats.frames_dropped_gap += 1  # never burst upstream after the resume
             else:
@@ -574,6 +586,9 @@ class CallState:
                 Outcome.UPSTREAM_FAILED,
                 upstream=False,
             )
+        last = self._last_phone_at
+        if last is not None and now - last >= self.policy.twilio_silence_s:
+            return self._end(f"Twilio sent nothing for {self.policy.twilio_silence_s:g} s", Outcome.STUCK)
         started = self.stats.started_at
         if started is not None and now - started >= self.policy.max_call_s:
             return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)

@@ -24,6 +24,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 STREAM_PREFIX = "/media-stream/"
+# What a write to a socket that is going away raises. BusyResourceError: Hypercorn's own close
+# path (send_eof) runs outside its send lock and can race our last frame.
+_GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
 
 
 class AsgiPhoneSocket:
@@ -55,7 +58,7 @@ class AsgiPhoneSocket:
             raise SocketClosed("Twilio socket closed")
         try:
             await self._send({"type": "websocket.send", "text": text})
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except _GONE as exc:
             self._closed = True
             raise SocketClosed(str(exc)) from exc
 
@@ -64,7 +67,7 @@ class AsgiPhoneSocket:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        with contextlib.suppress(*_GONE):
             await self._send({"type": "websocket.close", "code": code})
         # Hypercorn hands frames to the app through a small queue and, once the app returns, puts
         # websocket.disconnect into that same queue: if Twilio kept sending while nobody read,
@@ -72,6 +75,33 @@ class AsgiPhoneSocket:
         # Drain it until Twilio's close arrives (the caller bounds this wait).
         while (await self._receive())["type"] != "websocket.disconnect":
             pass
+
+    async def abort(self) -> None:
+        """Drop the TCP connection under the WebSocket at once.
+
+        Hypercorn shields its socket writes from cancellation, so a Twilio that stops reading
+        would pin our writer (and the call) forever; closing the socket wakes that write with an
+        error. The stream is found through the ASGI ``send`` callable (Hypercorn 0.18, pinned;
+        ``tests/test_stack_smoke.py`` guards it). Idempotent; a no-op if it cannot be found.
+        """
+        self._closed = True
+        stream = _hypercorn_stream(self._send)
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+
+def _hypercorn_stream(send: object) -> trio.abc.Stream | None:
+    # app_send (WSStream) -> protocol.send -> TCPServer.protocol_send -> TCPServer.stream
+    owner: object = send
+    for _ in range(4):
+        owner = getattr(owner, "__self__", None)
+        if owner is None:
+            return None
+        stream = getattr(owner, "stream", None)
+        if isinstance(stream, trio.abc.Stream):
+            return stream
+        owner = getattr(owner, "send", None)
+    return None
 
 
 def header(scope: Scope, name: bytes) -> str | None:
