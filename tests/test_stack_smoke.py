@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -57,9 +58,7 @@ async def test_hypercorn_trio_worker_exposes_the_stream_under_a_websocket() -> N
         port = int(binds[0].rsplit(":", 1)[1])
         with trio.fail_after(5):
             async with trio_websocket.open_websocket("127.0.0.1", port, "/x", use_ssl=False) as ws:
-                try:
+                with contextlib.suppress(trio_websocket.ConnectionClosed):  # the server dropped TCP, as intended
                     await ws.get_message()
-                except trio_websocket.ConnectionClosed:
-                    pass  # the server dropped the TCP connection, as intended
         nursery.cancel_scope.cancel()
     assert len(found) == 1 and isinstance(found[0], trio.SocketStream)
