@@ -52,6 +52,12 @@ def _serve(*, check_only: bool) -> int:
         print("Configuration OK:")
         print("\n".join(settings.describe()))
         return 0
+    from bridge.workers import WORKER_FD_ENV, run_workers
+
+    worker_fd = os.environ.get(WORKER_FD_ENV)
+    if settings.workers > 1 and worker_fd is None:
+        return run_workers(settings, os.environ)
+    bind = [f"fd://{int(worker_fd)}"] if worker_fd else None
     app = create_app(settings, collaborators)
 
     async def run() -> int:
@@ -60,11 +66,12 @@ def _serve(*, check_only: bool) -> int:
 
             async def serving(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 nonlocal exit_code
-                exit_code = await serve(app, settings, task_status=task_status)
+                exit_code = await serve(app, settings, bind=bind, task_status=task_status)
 
             await nursery.start(serving)
-            print(f"Server running on http://localhost:{settings.port}", flush=True)
-            print("\n".join(settings.describe()), flush=True)
+            if bind is None:  # a worker's parent prints the banner
+                print(f"Server running on http://localhost:{settings.port}", flush=True)
+                print("\n".join(settings.describe()), flush=True)
         return exit_code
 
     return trio.run(run)

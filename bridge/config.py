@@ -103,6 +103,7 @@ class Settings:
     resume_window_s: float = 25.0
     caller_audio_burst_ms: float = 2000.0
     twilio_silence_s: float = 10.0
+    workers: int = 1
     drain_seconds: float = 30.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -274,6 +275,7 @@ def from_env(
         resume_window_s=r.number("RESUME_WINDOW_S", 25.0, 0.0, 30.0),
         caller_audio_burst_ms=r.number("CALLER_AUDIO_BURST_MS", 2000.0, 100.0, 3_600_000.0),
         twilio_silence_s=r.number("TWILIO_SILENCE_S", 10.0, 0.5, 600.0),
+        workers=r.integer("WORKERS", 1, 1, 64),
         drain_seconds=r.number("DRAIN_SECONDS", 30.0, 0.0, 24 * 3600.0),
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",

@@ -8,6 +8,7 @@ against the configured public URL, never the Host header) and hands off.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import time
@@ -293,7 +294,8 @@ def _build_quart(app: BridgeApp) -> QuartTrio:
     async def healthz() -> Response:
         if app.calls.draining:
             return Response('{"status":"draining"}', status=503, mimetype="application/json")
-        return Response(f'{{"status":"ok","active_calls":{app.active_calls}}}', status=200, mimetype="application/json")
+        body = f'{{"status":"ok","active_calls":{app.active_calls},"pid":{os.getpid()}}}'
+        return Response(body, status=200, mimetype="application/json")
 
     @quart.get("/metrics")
     async def metrics() -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import httpx
 import orjson
@@ -21,7 +22,8 @@ async def test_healthz_metrics_and_call_outcome() -> None:
     async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False)) as bridge:
         async with httpx.AsyncClient(base_url=bridge.http_base) as http:
             health = await http.get("/healthz")
-            assert health.status_code == 200 and health.json() == {"status": "ok", "active_calls": 0}
+            assert health.status_code == 200
+            assert health.json() == {"status": "ok", "active_calls": 0, "pid": os.getpid()}
             with trio.fail_after(30):
                 await bridge.twilio.call(CallPlan(speed=10.0, hangup_after_s=2.0))
             with trio.fail_after(5):
