@@ -194,15 +194,23 @@ class CallSession:
             apply(state.on_phone(parse(frame), clock()))
 
     async def _phone_tx(self) -> None:
-        state, phone, clock = self.state, self._phone, self._clock
+        state, phone, clock, recv = self.state, self._phone, self._clock, self._phone_out_recv
         try:
-            async with self._phone_out_recv:
-                async for text, epoch in self._phone_out_recv:
-                    if epoch is not None and epoch != state.epoch:
-                        continue  # agent audio queued before a clear: never play it
-                    self._phone_send_since = clock()
-                    await phone.send(text)
-                    self._phone_send_since = None
+            async with recv:
+                while True:
+                    try:
+                        text, epoch = await recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                    while True:  # then whatever else is queued, without a scheduling pass per frame
+                        if epoch is None or epoch == state.epoch:  # else: queued before a clear, never played
+                            self._phone_send_since = clock()
+                            await phone.send(text)
+                            self._phone_send_since = None
+                        try:
+                            text, epoch = recv.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
         except SocketClosed:
             return
         finally:
@@ -353,15 +361,20 @@ class CallSession:
                     text = await recv.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
-                self._agent_send_since = clock()
-                try:
-                    await sock.send(text)
-                except SocketClosed:
-                    return  # the reader sees the close and decides
-                finally:
-                    self._agent_send_since = None
-                if text is ag.SESSION_END:
-                    self._session_end_sent = True
+                while True:  # then whatever else is queued, without a scheduling pass per frame
+                    self._agent_send_since = clock()
+                    try:
+                        await sock.send(text)
+                    except SocketClosed:
+                        return  # the reader sees the close and decides
+                    finally:
+                        self._agent_send_since = None
+                    if text is ag.SESSION_END:
+                        self._session_end_sent = True
+                    try:
+                        text = recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
         if stall.cancelled_caught:
             abort = getattr(sock, "abort", None)
             if abort is None:
