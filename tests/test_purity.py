@@ -20,6 +20,7 @@ PURE_MODULES = [
     "bridge.phone.twiml",
     "bridge.call.registry",
     "bridge.call.context",
+    "bridge.wire",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from bridge.phone.media import is_base64
+from bridge.wire import json_object
 
 # Codes after which the service closes the session (reference §8).
 FATAL_ERROR_CODES = frozenset(
@@ -156,14 +157,9 @@ AgentEvent = (
 
 def parse(frame: str | bytes) -> AgentEvent | InvalidEvent:
     """Parse one message from the Voice Agent API. Never raises."""
-    if isinstance(frame, bytes):
-        return InvalidEvent("binary frame (the Voice Agent API sends JSON text only)")
-    try:
-        msg = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return InvalidEvent("not JSON")
-    if type(msg) is not dict:
-        return InvalidEvent("not a JSON object")
+    msg = json_object(frame, "the Voice Agent API")
+    if isinstance(msg, str):
+        return InvalidEvent(msg)
     kind = msg.get("type")
     if kind == "reply.audio":
         data = msg.get("data")

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from bridge.wire import json_object
 
 # Standard base64 with padding (whole 4-character groups): also guarantees nothing in it needs
 # escaping inside JSON, and that the byte count derived from its length is exact.
@@ -95,14 +95,9 @@ TwilioEvent = Connected | Start | Media | Dtmf | Mark | Stop | UnknownEvent
 
 def parse(frame: str | bytes) -> TwilioEvent | InvalidFrame:
     """Parse one WebSocket message from Twilio. Never raises."""
-    if isinstance(frame, bytes):
-        return InvalidFrame("binary frame (Twilio sends JSON text only)")
-    try:
-        msg = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return InvalidFrame("not JSON")
-    if type(msg) is not dict:
-        return InvalidFrame("not a JSON object")
+    msg = json_object(frame, "Twilio")
+    if isinstance(msg, str):
+        return InvalidFrame(msg)
     event = msg.get("event")
     try:
         if event == "media":
