@@ -99,6 +99,7 @@ class Settings:
     transfer_allowlist: tuple[str, ...] = ()
     fallback_message: str = DEFAULT_FALLBACK_MESSAGE
     fallback_twiml_url: str | None = None
+    fallback_number: str | None = None
     busy_message: str = DEFAULT_BUSY_MESSAGE
     resume_window_s: float = 25.0
     caller_audio_burst_ms: float = 2000.0
@@ -271,6 +272,7 @@ def from_env(
         transfer_allowlist=allowlist,
         fallback_message=r.text("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
         fallback_twiml_url=fallback_url,
+        fallback_number=r.e164("FALLBACK_NUMBER"),
         busy_message=r.text("BUSY_MESSAGE", DEFAULT_BUSY_MESSAGE),
         resume_window_s=r.number("RESUME_WINDOW_S", 25.0, 0.0, 30.0),
         caller_audio_burst_ms=r.number("CALLER_AUDIO_BURST_MS", 2000.0, 100.0, 3_600_000.0),

@@ -233,6 +233,7 @@ class BridgeApp:
             status_callback=s.public.http_url("/stream-status"),
             fallback_message=s.fallback_message,
             fallback_twiml_url=s.fallback_twiml_url,
+            fallback_number=s.fallback_number,
         )
         log.info("%s call %s from %s to %s: streaming", direction, call_sid, form.get("From", "?"), form.get("To", "?"))
         return _xml(document)

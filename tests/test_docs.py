@@ -26,3 +26,9 @@ def test_the_readme_tools_example_is_the_tested_module() -> None:
 
 def test_the_readme_gives_the_two_commands() -> None:
     assert "make run" in README and "make test" in README and "make demo" in README
+
+
+def test_the_readme_nginx_config_is_the_tested_one() -> None:
+    block = README.split("<!-- nginx:begin -->\n```nginx\n", 1)[1].split("```\n<!-- nginx:end -->", 1)[0]
+    assert block == (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "proxy_set_header Upgrade $http_upgrade;" in block

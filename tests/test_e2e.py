@@ -106,3 +106,16 @@ async def test_rejected_voice_is_logged_in_one_line_and_the_caller_hears_the_fal
     assert lines and lines[0].startswith("VOICE 'claire' was rejected by the Voice Agent API: ")
     assert "ivy" in lines[0]  # the service's message lists the valid voices
     assert "\n" not in lines[0]
+
+
+async def test_unreachable_agent_sends_the_caller_to_the_fallback_number() -> None:
+    from tools.fake_agent import FaultPlan
+
+    config = FakeAgentConfig(api_key=API_KEY, faults=FaultPlan(unauthorized=True))
+    async with running_bridge(agent_config=config, env={"FALLBACK_NUMBER": "+14155550199"}) as bridge:
+        with trio.fail_after(30):
+            result = await bridge.twilio.call(CallPlan(speed=5.0, max_call_s=20.0))
+        assert result.ended_by == "server"  # we closed the stream: Twilio ran the fallback
+        assert [v.split(":")[0] for v in result.post_connect_verbs] == ["Say", "Dial"]
+        assert "+14155550199" in result.post_connect_verbs[1]
+        await _no_orphans(bridge)

@@ -123,3 +123,14 @@ def test_dial_with_and_without_announcement() -> None:
 def test_dial_fits_a_rest_update() -> None:
     """calls(sid).update(twiml=...) takes at most 4000 characters (reference §5)."""
     assert len(dial("+14155550199", announcement="x" * 500)) < 4000
+
+
+def test_fallback_number_dials_a_human_after_the_apology() -> None:
+    from bridge.phone import twiml
+
+    doc = twiml.connect_stream(
+        "wss://h/media-stream/t", parameters={}, status_callback=None, fallback_message="Sorry.",
+        fallback_number="+14155550199",
+    )
+    assert doc.index("</Connect>") < doc.index("<Say>Sorry.</Say>") < doc.index("<Dial>+14155550199</Dial>")
+    assert "<Hangup" not in doc

@@ -17,12 +17,14 @@ def connect_stream(
     status_callback: str | None,
     fallback_message: str,
     fallback_twiml_url: str | None = None,
+    fallback_number: str | None = None,
 ) -> str:
     """``<Connect><Stream>`` to our Media Streams route, then the fallback path.
 
     The verbs after ``</Connect>`` run only when *we* close the stream (a caller hang-up ends the
     call first), so they are what a caller hears if the agent fails: a spoken apology and a
-    hang-up, or a redirect to ``FALLBACK_TWIML_URL``.
+    hang-up, the apology and a ``<Dial>`` to ``FALLBACK_NUMBER`` (a human), or a redirect to
+    ``FALLBACK_TWIML_URL``.
     """
     response = VoiceResponse()
     stream = response.connect().stream(
@@ -35,6 +37,9 @@ def connect_stream(
             stream.parameter(name=name, value=value)
     if fallback_twiml_url:
         response.redirect(fallback_twiml_url, method="POST")
+    elif fallback_number:
+        response.say(fallback_message)
+        response.dial(fallback_number)
     else:
         response.say(fallback_message)
         response.hangup()
