@@ -30,7 +30,7 @@ from bridge.call.registry import CallRegistry
 from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
-from bridge.observe import Metrics
+from bridge.observe import Metrics, release_free_memory
 from bridge.phone import twiml
 from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token, mint_token
 from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
@@ -142,6 +142,7 @@ class BridgeApp:
             self.calls.release(call_id)
             if not self._sessions:
                 self.idle.set()
+                release_free_memory()
 
     def _check_stream(self, scope: Scope, token: str, signed_url: str) -> StreamGrant | str:
         if self.signatures is not None:

@@ -97,3 +97,18 @@ def test_json_logs_carry_the_call_ids(capsys: pytest.CaptureFixture[str]) -> Non
     assert entry["call_id"] == "c-1234" and entry["call_sid"] == CALL_SID and entry["session_id"] == "sess_1"
     assert entry["msg"] == "agent: hello (key [redacted])"
     assert entry["level"] == "info" and entry["logger"] == "bridge.call"
+
+
+async def test_memory_is_handed_back_when_the_last_call_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bridge.web
+
+    released: list[int] = []
+    async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False)) as bridge_:
+        monkeypatch.setattr(bridge.web, "release_free_memory", lambda: released.append(bridge_.app.active_calls))
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(bridge_.twilio.call, CallPlan(speed=10.0, hangup_after_s=2.0))
+        with trio.fail_after(5):
+            while bridge_.app.active_calls:
+                await trio.sleep(0.01)
+    assert released and set(released) == {0}  # only when no call is left, never mid-call
