@@ -20,6 +20,7 @@ PURE_MODULES = [
     "bridge.phone.twiml",
     "bridge.call.registry",
     "bridge.call.context",
+    "bridge.call.actions",
     "bridge.wire",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]

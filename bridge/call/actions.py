@@ -1,0 +1,122 @@
+"""What the call state machine decides, and what it is told: outcomes, actions, policy, counts.
+
+Pure data (frozen where the wire or the I/O shell consumes it): ``CallState`` returns lists of
+these actions and the session performs them in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Outcome(Enum):
+    CALLER_HUNG_UP = "caller_hung_up"
+    AGENT_ENDED = "agent_ended"  # end_call tool
+    TRANSFERRED = "transferred"
+    UPSTREAM_FAILED = "upstream_failed"
+    REJECTED = "rejected"  # the stream broke the rules before the call began
+    TIME_LIMIT = "time_limit"
+    SERVER_SHUTDOWN = "server_shutdown"
+    STUCK = "stuck"
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendAgent:
+    text: str
+    audio: bool = False  # caller audio may be dropped when the upstream is slow; control never
+
+
+@dataclass(frozen=True, slots=True)
+class SendPhone:
+    text: str
+    epoch: int | None = None  # agent audio: dropped by the writer if a clear came after it
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectAgent:
+    resume_session_id: str | None = None
+    attempt: int = 0  # reconnects so far in this gap: the session backs off between them
+
+
+@dataclass(frozen=True, slots=True)
+class RunTool:
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    call_id: str
+    number: str
+
+
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    reason: str
+    outcome: Outcome
+    end_upstream: bool  # send session.end (a bare close keeps the session billed for 30 s)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: int
+    message: str
+
+
+Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | EndCall | Log
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames_from_twilio: int = 0
+    frames_to_agent: int = 0
+    frames_dropped_pre_ready: int = 0
+    frames_dropped_flood: int = 0
+    frames_from_agent: int = 0
+    frames_to_twilio: int = 0
+    frames_dropped_interrupted: int = 0
+    frames_dropped_backpressure: int = 0
+    frames_dropped_gap: int = 0  # caller audio while the upstream was reconnecting
+    resumes: int = 0
+    invalid_twilio: int = 0
+    invalid_agent: int = 0
+    turns: int = 0
+    barge_ins: int = 0
+    tool_calls: int = 0
+    upstream_errors: int = 0
+    first_audio_at: float | None = None
+    started_at: float | None = None
+
+
+@dataclass(slots=True)
+class CallPolicy:
+    """The per-call knobs the state machine needs (from Settings)."""
+
+    ready_timeout_s: float = 10.0
+    max_call_s: float = 3600.0
+    end_call_deadline_s: float = 15.0
+    tool_hold_max_s: float = 5.0
+    end_call_enabled: bool = True
+    transfer_numbers: tuple[str, ...] = ()  # first one is the default target
+    outbound: bool = False
+    greeting_pad_ms: int = 0
+    voice: str = ""
+    # Caller audio allowed ahead of real time before frames are dropped (the service itself drops
+    # audio sent faster than ~real time, and a flood must not cost upstream bandwidth).
+    caller_burst_ms: float = 2000.0
+    # Upstream drops are resumed within this window (the service holds a session for 30 s).
+    resume_window_s: float = 25.0
+    # Twilio sends media every 20 ms for the whole call: this much silence on the socket means
+    # the peer is gone (or hostile), even if its TCP connection stays open.
+    twilio_silence_s: float = 10.0
