@@ -21,6 +21,7 @@ PURE_MODULES = [
     "bridge.call.registry",
     "bridge.call.context",
     "bridge.call.actions",
+    "bridge.agent.schema",
     "bridge.wire",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
