@@ -53,7 +53,7 @@ def _serve(*, check_only: bool) -> int:
         print("Configuration OK:")
         print("\n".join(settings.describe()))
         return 0
-    from bridge.workers import WORKER_FD_ENV, run_workers
+    from bridge.workers import PARENT_PID_ENV, WORKER_FD_ENV, drain_when_orphaned, run_workers
 
     worker_fd = os.environ.get(WORKER_FD_ENV)
     if settings.workers > 1 and worker_fd is None:
@@ -65,9 +65,15 @@ def _serve(*, check_only: bool) -> int:
         async with trio.open_nursery() as nursery:
             exit_code = 0
 
+            shutdown = trio.Event()
+            parent = os.environ.get(PARENT_PID_ENV)
+            if parent:
+                nursery.start_soon(drain_when_orphaned, int(parent), shutdown)
+
             async def serving(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 nonlocal exit_code
-                exit_code = await serve(app, settings, bind=bind, task_status=task_status)
+                exit_code = await serve(app, settings, bind=bind, shutdown=shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the orphan watcher has nothing left to watch
 
             await nursery.start(serving)
             if bind is None:  # a worker's parent prints the banner

@@ -9,6 +9,7 @@ second Ctrl-C stops them at once. Each worker applies MAX_CONCURRENT_CALLS on it
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -16,9 +17,20 @@ import sys
 from collections.abc import Mapping
 from types import FrameType
 
+import trio
+
 from bridge.config import Settings
 
 WORKER_FD_ENV = "BRIDGE_WORKER_FD"  # set by the parent for its workers only
+PARENT_PID_ENV = "BRIDGE_WORKER_PARENT"
+_PARENT_CHECK_S = 1.0
+
+
+async def drain_when_orphaned(parent_pid: int, shutdown: trio.Event) -> None:
+    """A worker whose parent died (even by SIGKILL) drains and exits instead of living on."""
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event exists for "my parent died"
+        await trio.sleep(_PARENT_CHECK_S)
+    shutdown.set()
 
 
 def run_workers(settings: Settings, environ: Mapping[str, str]) -> int:
@@ -26,7 +38,7 @@ def run_workers(settings: Settings, environ: Mapping[str, str]) -> int:
     family = socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET
     listener = socket.create_server((settings.bind_host, settings.port), family=family, backlog=2048)
     listener.set_inheritable(True)
-    env = dict(environ) | {WORKER_FD_ENV: str(listener.fileno()), "WORKERS": "1"}
+    env = dict(environ) | {WORKER_FD_ENV: str(listener.fileno()), PARENT_PID_ENV: str(os.getpid()), "WORKERS": "1"}
     # Every worker must accept every other worker's tokens.
     env["STREAM_TOKEN_SECRET"] = env.get("STREAM_TOKEN_SECRET") or settings.stream_token_secret.hex()
     workers = [

@@ -88,3 +88,36 @@ async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None
 
 def bridge_greeting(agent: FakeAgent) -> bytes:
     return agent.greeting_audio
+
+
+async def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "ASSEMBLYAI_API_KEY": API_KEY,
+        "PUBLIC_HOSTNAME": f"http://127.0.0.1:{port}", "PORT": str(port), "BIND_HOST": "127.0.0.1",
+        "WORKERS": "2", "DRAIN_SECONDS": "1",
+    }
+    proc = await trio.lowlevel.open_process([sys.executable, "-m", "bridge", "serve"], cwd=tmp_path, env=env,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: set[int] = set()
+    with trio.fail_after(20):
+        while len(pids) < 2:
+            try:
+                async with httpx.AsyncClient() as http:
+                    pids.add((await http.get(f"http://127.0.0.1:{port}/healthz")).json()["pid"])
+            except httpx.HTTPError:
+                await trio.sleep(0.1)
+    proc.kill()  # SIGKILL: the parent cannot forward anything
+    await proc.wait()
+    with trio.fail_after(10):
+        while any(_alive(pid) for pid in pids):
+            await trio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # an exited child of PID 1 may linger as a zombie
+        return stat.read().split(")")[-1].split()[0] != "Z"
