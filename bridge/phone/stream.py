@@ -32,16 +32,17 @@ _GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyR
 class AsgiPhoneSocket:
     """The Twilio Media Streams socket, as the session's message socket."""
 
-    __slots__ = ("_closed", "_receive", "_send")
+    __slots__ = ("_closed", "_disconnected", "_receive", "_send")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
-        self._closed = False
+        self._closed = False  # we closed (or aborted): nothing more is sent
+        self._disconnected = False  # Hypercorn delivered websocket.disconnect: nothing more arrives
 
     async def receive(self) -> str | bytes | None:
         """Next message from Twilio; ``None`` once Twilio has disconnected."""
-        if self._closed:
+        if self._disconnected:
             return None
         message = await self._receive()
         if message["type"] == "websocket.receive":
@@ -49,7 +50,7 @@ class AsgiPhoneSocket:
             if text is not None:
                 return str(text)
             return bytes(message.get("bytes") or b"")
-        self._closed = True  # websocket.disconnect
+        self._closed = self._disconnected = True  # websocket.disconnect
         return None
 
     async def send(self, text: str) -> None:
@@ -64,17 +65,17 @@ class AsgiPhoneSocket:
 
     async def aclose(self, code: int = 1000) -> None:
         """Close the stream (Twilio then runs the TwiML after ``</Connect>``). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(*_GONE):
-            await self._send({"type": "websocket.close", "code": code})
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(*_GONE):
+                await self._send({"type": "websocket.close", "code": code})
         # Hypercorn hands frames to the app through a small queue and, once the app returns, puts
         # websocket.disconnect into that same queue: if Twilio kept sending while nobody read,
         # the queue is full and Hypercorn's connection task blocks for ever (a leaked socket).
-        # Drain it until Twilio's close arrives (the caller bounds this wait).
-        while (await self._receive())["type"] != "websocket.disconnect":
-            pass
+        # Drain it until the disconnect arrives, also after an abort (the caller bounds this wait).
+        while not self._disconnected:
+            if (await self._receive())["type"] == "websocket.disconnect":
+                self._disconnected = True
 
     async def abort(self) -> None:
         """Drop the TCP connection under the WebSocket at once.
