@@ -1139,3 +1139,11 @@ def test_media_after_the_end_is_not_counted_as_a_pre_ready_drop() -> None:
     state.end_now("bye", Outcome.CALLER_HUNG_UP)
     state.on_phone(media(), 9.0)
     assert state.stats.frames_dropped_pre_ready == 0
+
+
+def test_media_of_another_track_is_not_sent_as_caller_audio() -> None:
+    state, _ = run(LIVE)
+    frame = {"event": "media", "sequenceNumber": "3", "streamSid": STREAM_SID,
+             "media": {"track": "outbound", "chunk": "1", "timestamp": "20", "payload": FRAME}}
+    assert quiet(state.on_phone(_tw(frame), 1.0)) == []
+    assert state.stats.invalid_twilio == 1 and state.stats.frames_to_agent == 0

@@ -241,6 +241,8 @@ class CallState:
             return []
         if event.stream_sid != self.stream_sid:
             return self._invalid_twilio("media for another streamSid")
+        if event.track not in ("inbound", ""):  # bidirectional streams carry the caller only
+            return self._invalid_twilio(f"media for track {event.track[:16]!r}")
         # Token bucket in ms of audio: refills at real time, holds at most the burst allowance.
         bucket = self._bucket_ms + (now - self._bucket_at) * 1000.0
         self._bucket_at = now
