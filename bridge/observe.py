@@ -104,6 +104,7 @@ _FRAME_FIELDS = {
     ("twilio_to_agent", "dropped_pre_ready"): "frames_dropped_pre_ready",
     ("twilio_to_agent", "dropped_flood"): "frames_dropped_flood",
     ("twilio_to_agent", "dropped_backpressure"): "frames_dropped_backpressure",
+    ("twilio_to_agent", "dropped_resume_gap"): "frames_dropped_gap",
     ("agent_to_twilio", "dropped_interrupted"): "frames_dropped_interrupted",
     ("twilio_to_bridge", "invalid"): "invalid_twilio",
     ("agent_to_bridge", "invalid"): "invalid_agent",

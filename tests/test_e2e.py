@@ -73,9 +73,10 @@ async def test_barge_in_clears_twilio_playback() -> None:
         await _no_orphans(bridge)
 
 
-async def test_upstream_drop_is_resumed_without_dropping_the_caller() -> None:
+async def test_upstream_drop_is_resumed_without_dropping_the_caller(caplog: pytest.LogCaptureFixture) -> None:
     from tools.fake_agent import FaultPlan
 
+    caplog.set_level(logging.INFO, "bridge.call")
     for faults in (FaultPlan(drop_tcp_after_s=0.5), FaultPlan(close_1011_after_s=0.5)):
         config = FakeAgentConfig(api_key=API_KEY, vad=False, faults=faults)
         async with running_bridge(agent_config=config) as bridge:
@@ -89,6 +90,11 @@ async def test_upstream_drop_is_resumed_without_dropping_the_caller() -> None:
             with trio.fail_after(5):
                 await session.ended.wait()
             await _no_orphans(bridge)
+            metrics = bridge.app.metrics.render().decode()
+            assert 'bridge_upstream_resumes_total{result="ok"} 1.0' in metrics
+            assert 'bridge_upstream_resumes_total{result="failed"}' not in metrics
+            summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call summary:")][-1]
+            assert " resumes=1 " in summary and " gap=" in summary
 
 
 async def test_rejected_voice_is_logged_in_one_line_and_the_caller_hears_the_fallback(

@@ -504,3 +504,22 @@ async def test_an_upstream_that_stops_reading_is_dropped(nursery: trio.Nursery, 
     assert 5.0 <= trio.current_time() - t0 <= 6.5
     assert call.summary.outcome is Outcome.STUCK
     del agent
+
+
+async def test_a_failed_resume_is_counted_as_failed(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    from bridge.observe import Metrics
+
+    setup = make_setup()
+    setup.metrics = Metrics()
+    call = Call(nursery, setup)
+    agent = await call.start()
+    agent.close()
+    while len(call.connector.peers) < 2:
+        await trio.sleep(0.05)
+    second = call.connector.peers[1]
+    await second.receive()
+    await second.send(ev("session.error", code="session_not_found", message="gone"))
+    await call.done.wait()
+    text = setup.metrics.render().decode()
+    assert 'bridge_upstream_resumes_total{result="failed"} 1.0' in text
+    assert 'bridge_upstream_resumes_total{result="ok"}' not in text

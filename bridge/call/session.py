@@ -139,6 +139,7 @@ class CallSession:
         self._agent_send_since: float | None = None
         self._agent_tx_scope: trio.CancelScope | None = None
         self._phone_tx_done = trio.Event()
+        self._resume_pending = False  # a resume was started and has not reached session.ready
         self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[str](AGENT_OUT_FRAMES)
         self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](PHONE_OUT_FRAMES)
 
@@ -346,6 +347,10 @@ class CallSession:
                     return f"session.error {event.code}: {event.message}"
             elif isinstance(event, ag.SessionReady):
                 self._tags.session_id = event.session_id
+                if self._resume_pending:
+                    self._resume_pending = False
+                    if metrics:
+                        metrics.upstream_resumes.labels("ok").inc()
             elif kind is ag.SpeechStopped:
                 self._speech_stopped_at = clock()
             apply(state.on_agent(event, clock()))
@@ -502,6 +507,7 @@ class CallSession:
         if isinstance(action, st.ConnectAgent):
             self._tags.call_sid = self.state.call_sid
             self._nursery.start_soon(self._agent_leg, action.resume_session_id, action.attempt)
+            self._resume_pending = action.resume_session_id is not None
             if self.setup.direction == "outbound" and action.resume_session_id is None:
                 self._nursery.start_soon(self._outbound_silence)
         elif isinstance(action, st.RunTool):
@@ -576,12 +582,14 @@ class CallSession:
         metrics = self.setup.metrics
         if metrics:
             metrics.calls.labels(outcome.value).inc()
+            if self._resume_pending:
+                metrics.upstream_resumes.labels("failed").inc()
             metrics.barge_ins.inc(s.barge_ins)
             metrics.fold_finished(s)
         log.info(
             "call summary: outcome=%s duration=%.1fs turns=%d barge_ins=%d tools=%d "
             "frames twilio->agent=%d/%d agent->twilio=%d/%d dropped(pre_ready=%d flood=%d "
-            "backpressure=%d interrupted=%d) invalid(twilio=%d agent=%d) reason=%s",
+            "backpressure=%d interrupted=%d gap=%d) resumes=%d invalid(twilio=%d agent=%d) reason=%s",
             outcome.value,
             duration,
             s.turns,
@@ -595,6 +603,8 @@ class CallSession:
             s.frames_dropped_flood,
             s.frames_dropped_backpressure,
             s.frames_dropped_interrupted,
+            s.frames_dropped_gap,
+            s.resumes,
             s.invalid_twilio,
             s.invalid_agent,
             reason,
