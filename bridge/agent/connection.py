@@ -17,6 +17,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from bridge.agent.tcp import DirectSocketStream
 from bridge.errors import UpstreamError
 
 log = logging.getLogger("bridge.agent")
@@ -114,17 +115,26 @@ async def open_agent_socket(nursery: trio.Nursery, endpoint: AgentEndpoint) -> A
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        if secure:
-            stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                host,
-                port,
-                ssl_context=endpoint.ssl_context or ssl.create_default_context(),
-                https_compatible=True,
-            )
-        else:
-            stream = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise UpstreamError("connect_failed", f"cannot reach {host}:{port}: {exc}", retryable=True) from exc
+    stream: trio.abc.Stream = DirectSocketStream(tcp)
+    if secure:
+        context = endpoint.ssl_context or ssl.create_default_context()
+        tls = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
+        stream = tls
+        try:
+            # Here, not inside trio-websocket: a TLS failure in its reader task leaves its
+            # handshake waiting until our deadline, which would hide the reason.
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tls)
+            reason = exc.__cause__ or exc
+            retryable = not isinstance(reason, ssl.SSLError)  # a reset mid-handshake may pass; a bad certificate won't
+            raise UpstreamError("tls_failed", f"TLS with {host}:{port} failed: {reason}", retryable=retryable) from exc
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
     host_header = host if parts.port is None else f"{host}:{parts.port}"
     try:
         ws = await trio_websocket.wrap_client_stream(
