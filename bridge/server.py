@@ -1,4 +1,8 @@
-"""Serving: Hypercorn's trio worker, signal handling and graceful drain.
+"""Serving: the front door on the public port, Hypercorn behind it, signal handling and drain.
+
+The front door (``bridge/front.py``) accepts every connection on the public port (or the socket
+a WORKERS parent passed down). Media Streams upgrades run there; everything else is handed to
+Hypercorn + Quart-Trio on a private unix socket in a 0700 temporary directory.
 
 SIGTERM (or a first SIGINT): /healthz turns 503, new calls get the busy TwiML, live calls go on
 for up to DRAIN_SECONDS and are then ended cleanly (``session.end`` upstream, stream closed);
@@ -8,9 +12,12 @@ their bounded, shielded goodbye).
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
+import shutil
 import signal
+import socket
+import tempfile
 from collections.abc import Sequence
 
 import trio
@@ -18,6 +25,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from bridge.config import Settings
+from bridge.front import FrontDoor
 from bridge.web import BridgeApp
 
 log = logging.getLogger("bridge.server")
@@ -66,7 +74,6 @@ async def serve(
     """Serve until drained (signal or ``shutdown`` set). Reports the bound addresses via
     ``task_status``. Returns the process exit code: 0 after a drain, 130 after a forced stop.
     """
-    config = hypercorn_config(settings, bind=bind)
     stop_serving = trio.Event()
     exit_code = 0
     requested = shutdown if shutdown is not None else trio.Event()
@@ -94,11 +101,53 @@ async def serve(
         watchers.start_soon(drain_then_stop)
         if handle_signals:
             watchers.start_soon(watch_signals)
-        async with trio.open_nursery() as serving:
-            binds = await serving.start(
-                functools.partial(hypercorn_serve, app, config, shutdown_trigger=stop_serving.wait, mode="asgi")  # type: ignore[arg-type]
-            )
-            task_status.started(list(binds))
-        # Hypercorn has stopped (drained, or cancelled by a second SIGINT): stop the watchers too.
+        listeners = await open_listeners(bind or [f"{settings.bind_host}:{settings.port}"])
+        private_dir = tempfile.mkdtemp(prefix="bridge-")
+        try:
+            hypercorn_socket = os.path.join(private_dir, "hypercorn.sock")
+            config = hypercorn_config(settings, bind=[f"unix:{hypercorn_socket}"])
+            hypercorn_done = trio.Event()
+
+            async def run_hypercorn(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
+                try:
+                    await hypercorn_serve(
+                        app,  # type: ignore[arg-type]
+                        config,
+                        shutdown_trigger=stop_serving.wait,
+                        mode="asgi",
+                        task_status=task_status,
+                    )
+                finally:
+                    hypercorn_done.set()
+
+            async with trio.open_nursery() as serving:
+                await serving.start(run_hypercorn)
+                front = FrontDoor(app, hypercorn_socket)
+                await serving.start(trio.serve_listeners, front.handle, listeners)
+                task_status.started([_url(listener) for listener in listeners])
+                await hypercorn_done.wait()
+                # Hypercorn has stopped (drained, or cancelled by a second SIGINT): stop accepting,
+                # and end what is still open (calls were ended by the drain).
+                serving.cancel_scope.cancel()
+        finally:
+            shutil.rmtree(private_dir, ignore_errors=True)
         watchers.cancel_scope.cancel()
     return exit_code
+
+
+async def open_listeners(binds: Sequence[str]) -> list[trio.SocketListener]:
+    """``host:port`` (port 0 picks one) or ``fd://N`` (a socket inherited from a WORKERS parent)."""
+    listeners: list[trio.SocketListener] = []
+    for bind in binds:
+        if bind.startswith("fd://"):
+            inherited = socket.socket(fileno=int(bind[len("fd://") :]))
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(inherited)))
+            continue
+        host, _, port = bind.rpartition(":")
+        listeners.extend(await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None, backlog=2048))
+    return listeners
+
+
+def _url(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

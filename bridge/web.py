@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from bridge.builtin_tools import call_control_definitions
 from bridge.call.context import CallContext
 from bridge.call.persona import SessionHook, load_session_hook, resolve_session
 from bridge.call.registry import CallRegistry
-from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup
+from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup, MessageSocket
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
 from bridge.observe import Metrics, release_free_memory
@@ -108,31 +108,45 @@ class BridgeApp:
     # --- the Media Streams route ------------------------------------------------------------
 
     async def media_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check the upgrade, then run the call. Refusals happen before the handshake is accepted."""
+        """The same stream reached through Hypercorn (e.g. an upgrade on a reused keep-alive
+        connection; the front door hands new connections to ``phone/stream`` directly)."""
         message = await receive()
         if message["type"] != "websocket.connect":
             return
         raw_path = bytes(scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        token = raw_path[len(STREAM_PREFIX) :]
         query = bytes(scope.get("query_string") or b"").decode("latin-1")
-        signed_url = self.settings.public.ws_url(raw_path + (f"?{query}" if query else ""))
-        grant_or_reason = self._check_stream(scope, token, signed_url)
+        phone = AsgiPhoneSocket(receive, send)
+        admitted = self.admit_stream(raw_path + (f"?{query}" if query else ""), scope.get("headers", ()), phone)
+        if isinstance(admitted, int):
+            await reject(send, admitted)
+            return
+        await send({"type": "websocket.accept"})
+        await self.run_call(admitted)
+
+    def admit_stream(
+        self, target: str, headers: Iterable[tuple[bytes, bytes]], phone: MessageSocket
+    ) -> CallSession | int:
+        """Check a Media Streams upgrade (signature, token, replay, capacity) before it is
+        accepted. Returns the admitted call, or the HTTP status to refuse it with (403 or 503)."""
+        raw_path = target.partition("?")[0]
+        signed_url = self.settings.public.ws_url(target)
+        grant_or_reason = self._check_stream(headers, raw_path[len(STREAM_PREFIX) :], signed_url)
         if isinstance(grant_or_reason, str):
             self.metrics.rejected_streams.labels(grant_or_reason).inc()
             log.warning("refused a Media Stream before accept: %s", grant_or_reason)
-            await reject(send, 403)
-            return
+            return 403
         grant = grant_or_reason
         call_id = "c-" + secrets.token_hex(4)
-        setup = self._call_setup(call_id, grant)
-        phone = AsgiPhoneSocket(receive, send)
-        session = CallSession(setup, phone, self.deps.connect_agent)
+        session = CallSession(self._call_setup(call_id, grant), phone, self.deps.connect_agent)
         if not self.calls.admit(grant.token, call_id, session, now=self.deps.wall_clock()):
             self.metrics.rejected_streams.labels("capacity").inc()
             log.warning("refused a Media Stream: at capacity (%d calls) or draining", self.calls.max_calls)
-            await reject(send, 503)
-            return
-        await send({"type": "websocket.accept"})
+            return 503
+        return session
+
+    async def run_call(self, session: CallSession) -> None:
+        """Run an admitted call to its end (the socket is accepted by now)."""
+        call_id = session.setup.call_id
         self._sessions[call_id] = session
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         try:
@@ -144,9 +158,9 @@ class BridgeApp:
                 self.idle.set()
                 release_free_memory()
 
-    def _check_stream(self, scope: Scope, token: str, signed_url: str) -> StreamGrant | str:
+    def _check_stream(self, headers: Iterable[tuple[bytes, bytes]], token: str, signed_url: str) -> StreamGrant | str:
         if self.signatures is not None:
-            signature = header(scope, b"x-twilio-signature")
+            signature = header(headers, b"x-twilio-signature")
             if not self.signatures.valid(signed_url, {}, signature):
                 return "bad signature" if signature else "missing signature"
         now = self.deps.wall_clock()

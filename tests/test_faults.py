@@ -181,7 +181,7 @@ CASES: list[Case] = [
          FaultPlan(never_ready=True), plan={"hangup_after_s": 60.0}, fallback=True, connections=1,
          check=session_ended_upstream),
     Case("at_capacity twice on connect, retried", "caller_hung_up", "caller hung up (stop)",
-         FaultPlan(reject_first_n=2), connections=3, check=greeting_heard),
+         FaultPlan(reject_first_n=2), plan={"hangup_after_s": 30.0}, connections=3, check=greeting_heard),
     Case("concurrency_exceeded on connect, retried", "caller_hung_up", "caller hung up (stop)",
          FaultPlan(reject_first_n=1, reject_code="concurrency_exceeded"), connections=2),
     Case("unauthorized", "upstream_failed", "Voice Agent error unauthorized",

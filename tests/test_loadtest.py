@@ -187,20 +187,3 @@ def test_quick_real_run(tmp_path: Path) -> None:
     assert level["to_agent"]["corrupt"] == 0 and level["to_twilio"]["corrupt"] == 0
     assert level["clear"]["clears"] >= 1 and level["clear"]["missing"] == 0
     assert sys.executable  # the server ran under this interpreter
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-@pytest.mark.skipif(not (lt.LOADGEN_DIR / "node_modules" / "ws").exists(), reason="run npm ci --prefix tools/loadgen")
-def test_the_front_door_experiment_still_carries_calls(tmp_path: Path) -> None:
-    """BENCHMARKS.md quotes tools/experiments/twilio_front.py: it must still run real calls."""
-    out = tmp_path / "bench.json"
-    command = f"{sys.executable} -m tools.experiments.twilio_front"
-    argv = ["--levels", "2", "--duration", "2", "--runs", "1", "--speech-every", "0.7", "--no-warmup"]
-    assert lt.main([*argv, "--server-cmd", command, "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    (run,) = doc["servers"]["bridge"]["runs"]
-    level = run[-1]
-    assert level["calls"] == 2 and level["calls_failed"] == 0
-    assert level["to_agent"]["lost"] == 0 and level["to_twilio"]["lost"] == 0
-    assert level["to_agent"]["received"] > 150 and level["to_twilio"]["received"] > 150
-    assert level["clear"]["clears"] >= 1 and level["clear"]["missing"] == 0

@@ -17,8 +17,8 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
-from bridge.agent.tcp import DirectSocketStream
 from bridge.errors import UpstreamError
+from bridge.tcp import DirectSocketStream
 
 log = logging.getLogger("bridge.agent")
 

@@ -1,19 +1,24 @@
 """Where a Twilio frame enters and leaves: the ``/media-stream/<token>`` WebSocket.
 
-This one route is a raw ASGI handler inside the same Hypercorn server as the Quart-Trio webhooks:
-per-message it needs none of Quart's request machinery, and skipping it saves a task hop and a
-queue per frame (see BENCHMARKS.md). Everything is checked *before* the handshake is accepted —
-signature, token, replay, capacity — so a refused stream never opens an upstream session.
+New connections reach it through the front door (``bridge/front.py``), which hands a
+``/media-stream/`` upgrade to trio-websocket: :class:`WsPhoneSocket`. Hypercorn's per-message
+layers (read timeout scope, h11/wsproto wrappers, the app queue, a shielded send under a lock)
+are then off the path of every frame (BENCHMARKS.md). An upgrade that reaches Hypercorn anyway
+(a reused keep-alive connection) is served by the raw ASGI handler: :class:`AsgiPhoneSocket`.
+Either way everything is checked *before* the handshake is accepted (signature, token, replay,
+capacity), so a refused stream never opens an upstream session.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
 
 from bridge.agent.connection import SocketClosed
 
@@ -27,6 +32,53 @@ STREAM_PREFIX = "/media-stream/"
 # What a write to a socket that is going away raises. BusyResourceError: Hypercorn's own close
 # path (send_eof) runs outside its send lock and can race our last frame.
 _GONE = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+
+
+class WsPhoneSocket:
+    """The Twilio Media Streams socket served by trio-websocket, as the session's message socket.
+
+    Built before the handshake is accepted (the session needs its socket to be admitted);
+    :meth:`accepted` attaches the connection. The front door owns the TCP stream: it closes it
+    after the call, or at once through :meth:`abort`.
+    """
+
+    __slots__ = ("_stream", "_ws")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._ws: trio_websocket.WebSocketConnection | None = None
+
+    def accepted(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def receive(self) -> str | bytes | None:
+        """Next message from Twilio; ``None`` once the socket is closed (or was never accepted)."""
+        if self._ws is None:
+            return None
+        try:
+            return await self._ws.get_message()
+        except ConnectionClosed:
+            return None
+
+    async def send(self, text: str) -> None:
+        """Send one frame to Twilio; raises :class:`SocketClosed` once the socket is gone."""
+        if self._ws is None:
+            raise SocketClosed("Twilio socket not accepted")
+        try:
+            await self._ws.send_message(text)
+        except (ConnectionClosed, *_GONE) as exc:
+            raise SocketClosed(str(exc)) from exc
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Close the stream (Twilio then runs the TwiML after ``</Connect>``); the caller bounds
+        the close handshake. The TCP stream is the front door's to close. Idempotent."""
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed, *_GONE):
+                await self._ws.aclose(code)
+
+    async def abort(self) -> None:
+        """Drop the TCP connection at once (a Twilio that stopped reading)."""
+        await trio.aclose_forcefully(self._stream)
 
 
 class AsgiPhoneSocket:
@@ -105,21 +157,27 @@ def _hypercorn_stream(send: object) -> trio.abc.Stream | None:
     return None
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    """A request header from an ASGI scope (names are lower-case there)."""
-    for key, value in scope.get("headers", ()):
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """A request header by lower-case name (ASGI scope headers, or a parsed request head)."""
+    for key, value in headers:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
 
 
-async def reject(send: Send, status: int = 403) -> None:
-    """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response).
+def refusal(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and body for refusing a Media Streams handshake with ``status``.
 
     403: not Twilio, or not a call we answered. 503: full or draining, which a reverse proxy may
     retry on another instance (``proxy_next_upstream http_503``).
     """
     body = b"Forbidden\n" if status == 403 else b"Service Unavailable\n"
-    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    return [(b"content-type", b"text/plain")], body  # the sender adds Content-Length
+
+
+async def reject(send: Send, status: int = 403) -> None:
+    """Refuse the WebSocket handshake with an HTTP status (ASGI websocket denial response)."""
+    headers, body = refusal(status)
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})

@@ -1,4 +1,4 @@
-"""The upstream's TCP stream, with the two scheduling passes per message taken out.
+"""A TCP stream with the two scheduling passes per message taken out (both legs of a call).
 
 ``trio.SocketStream`` tries ``recv`` before it waits (on a live call the socket is almost never
 readable yet, so that is a failed syscall per message) and yields to the scheduler after every

@@ -16,8 +16,8 @@ import trio
 import trio_websocket
 
 from bridge.agent.connection import AgentEndpoint, open_agent_socket
-from bridge.agent.tcp import DirectSocketStream
 from bridge.errors import UpstreamError
+from bridge.tcp import DirectSocketStream
 from tests.test_deploy import make_cert
 
 

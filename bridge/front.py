@@ -1,0 +1,206 @@
+"""The front door: where every connection to the public port enters.
+
+It reads the request head (bounded in size and time). A Media Streams upgrade
+(``GET /media-stream/<token>`` with ``Upgrade: websocket``) is served by trio-websocket and runs
+the call (``phone/stream.py`` :class:`WsPhoneSocket`). Anything else, including a head that is
+incomplete, malformed or too big, is handed byte for byte to Hypercorn + Quart-Trio, which serve
+the webhooks on a private unix socket and answer bad requests as before. Hypercorn's
+per-message layers are thereby off the path of every audio frame (BENCHMARKS.md: -16 to -24 %
+CPU per call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from bridge.phone.stream import STREAM_PREFIX, WsPhoneSocket, refusal
+from bridge.tcp import DirectSocketStream
+from bridge.web import BridgeApp
+
+log = logging.getLogger("bridge.front")
+
+HEAD_LIMIT = 16 * 1024  # as h11's default: Twilio's upgrade head is about 1 KB
+HEAD_DEADLINE_S = 10.0  # for the whole request head; a slower client goes to Hypercorn as is
+HANDSHAKE_DEADLINE_S = 10.0
+LINGER_S = 1.0  # after a call: time for the peer to finish sending and read our close frame
+TWILIO_QUEUE = 16  # trio-websocket's unread messages before its reader stops reading (TCP pushes back)
+_SPLICE_BYTES = 65536
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: str
+    headers: list[tuple[bytes, bytes]]  # names lower-cased
+
+
+def parse_head(data: bytes) -> RequestHead | None:
+    """The request head at the start of ``data``; ``None`` while it is incomplete or malformed."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    request_line, *lines = data[:end].split(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            return None  # no colon, or whitespace before it, or an obsolete folded line
+        headers.append((name.lower(), value.strip()))
+    return RequestHead(parts[0], parts[1].decode("latin-1"), headers)
+
+
+def wants_media_stream(head: RequestHead) -> bool:
+    """A WebSocket upgrade to the Media Streams route (everything else goes to Hypercorn)."""
+    if head.method != b"GET" or not head.target.startswith(STREAM_PREFIX):
+        return False
+    upgrade = b",".join(v for k, v in head.headers if k == b"upgrade").lower()
+    connection = b",".join(v for k, v in head.headers if k == b"connection").lower()
+    return b"websocket" in _tokens(upgrade) and b"upgrade" in _tokens(connection)
+
+
+def _tokens(value: bytes) -> set[bytes]:
+    return {token.strip() for token in value.split(b",")}
+
+
+class Replay(trio.abc.Stream):
+    """A stream that first returns the bytes already read from it (the request head)."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class FrontDoor:
+    """Routes each accepted connection; one bad connection never hurts another."""
+
+    def __init__(self, app: BridgeApp, hypercorn_socket: str) -> None:
+        self._app = app
+        self._hypercorn_socket = hypercorn_socket
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        stream = DirectSocketStream(tcp)
+        try:
+            buffered = await _read_head(stream)
+            head = parse_head(buffered)
+            if head is not None and wants_media_stream(head):
+                await self._media_stream(stream, buffered)
+            else:
+                await self._to_hypercorn(stream, buffered)
+        except _GONE:
+            pass
+        except Exception:
+            log.exception("a connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _media_stream(self, stream: DirectSocketStream, buffered: bytes) -> None:
+        app = self._app
+        async with trio.open_nursery() as websocket_tasks:  # trio-websocket's reader task
+            try:
+                with trio.fail_after(HANDSHAKE_DEADLINE_S):
+                    request = await trio_websocket.wrap_server_stream(
+                        websocket_tasks,
+                        Replay(stream, buffered),
+                        message_queue_size=TWILIO_QUEUE,
+                        max_message_size=app.settings.max_twilio_frame_bytes,
+                    )
+                phone = WsPhoneSocket(stream)
+                admitted = app.admit_stream(request.path, request.headers, phone)
+                if isinstance(admitted, int):
+                    headers, body = refusal(admitted)
+                    with trio.move_on_after(HANDSHAKE_DEADLINE_S):
+                        await request.reject(admitted, extra_headers=headers, body=body)
+                    return
+                try:
+                    with trio.fail_after(HANDSHAKE_DEADLINE_S):
+                        phone.accepted(await request.accept())
+                except (*_GONE, trio.TooSlowError):
+                    pass  # not accepted: the call sees a closed socket and ends before any upstream
+                await app.run_call(admitted)
+            finally:
+                websocket_tasks.cancel_scope.cancel()
+        await _linger(stream)
+
+    async def _to_hypercorn(self, stream: DirectSocketStream, buffered: bytes) -> None:
+        try:
+            upstream = await trio.open_unix_socket(self._hypercorn_socket)
+        except OSError as exc:  # Hypercorn has stopped: we are shutting down
+            log.debug("Hypercorn is not reachable (%s): closing a connection", exc)
+            return
+        async with upstream:
+            if buffered:
+                await upstream.send_all(buffered)
+            await _splice(stream, upstream)
+
+
+async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
+    """Half-close, then read what the peer still sends (bounded) before the socket is closed.
+    Closing with unread data sends a reset, which can destroy our close frame (e.g. the 1009
+    after an oversized frame) before the peer has read it."""
+    with trio.move_on_after(LINGER_S), contextlib.suppress(*_GONE):
+        await stream.send_eof()
+        while await stream.receive_some(_SPLICE_BYTES):
+            pass
+
+
+async def _read_head(stream: trio.abc.ReceiveStream) -> bytes:
+    """Read until the end of the request head, HEAD_LIMIT bytes, EOF or HEAD_DEADLINE_S."""
+    data = b""
+    with trio.move_on_after(HEAD_DEADLINE_S):
+        while b"\r\n\r\n" not in data and len(data) < HEAD_LIMIT:
+            chunk = await stream.receive_some(HEAD_LIMIT)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def _splice(client: trio.abc.HalfCloseableStream, server: trio.abc.HalfCloseableStream) -> None:
+    """Copy both ways. The client may half-close and still get its answer; once the server is
+    done (it closes, as on a keep-alive timeout), the whole connection is."""
+    async with trio.open_nursery() as nursery:
+
+        async def client_to_server() -> None:
+            try:
+                while data := await client.receive_some(_SPLICE_BYTES):
+                    await server.send_all(data)
+                with contextlib.suppress(*_GONE):
+                    await server.send_eof()
+            except _GONE:
+                nursery.cancel_scope.cancel()
+
+        async def server_to_client() -> None:
+            with contextlib.suppress(*_GONE):
+                while data := await server.receive_some(_SPLICE_BYTES):
+                    await client.send_all(data)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(client_to_server)
+        nursery.start_soon(server_to_client)

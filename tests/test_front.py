@@ -1,0 +1,205 @@
+"""The front door (bridge/front.py): request-head parsing and routing (pure), and real
+connections through ``serve``: webhooks spliced to Hypercorn byte for byte, hostile heads, and the
+Media Streams upgrade served by trio-websocket. Also the Hypercorn route for an upgrade that
+reaches Hypercorn anyway."""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+from hypercorn.trio import serve as hypercorn_serve
+
+from bridge import front
+from bridge.front import Replay, parse_head, wants_media_stream
+from bridge.server import hypercorn_config
+from tests.harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, running_bridge
+from tools.fake_twilio import CallPlan, FakeTwilio
+
+UPGRADE = (
+    b"GET /media-stream/tok?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+# --- pure ------------------------------------------------------------------------------------
+
+
+def test_parse_head_reads_method_target_and_lower_cased_headers() -> None:
+    head = parse_head(UPGRADE + b"trailing bytes")
+    assert head is not None
+    assert (head.method, head.target) == (b"GET", "/media-stream/tok?x=1")
+    assert (b"upgrade", b"websocket") in head.headers and (b"host", b"h") in head.headers
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\nHost: h\r\n",  # incomplete
+        b"",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 preface
+        b"GET /\r\n\r\n",  # HTTP/0.9-ish request line
+        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",  # whitespace before the colon (request smuggling vector)
+        b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",  # obsolete line folding
+        b"GET  / HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_parse_head_refuses_incomplete_or_malformed_heads(data: bytes) -> None:
+    assert parse_head(data) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "media"),
+    [
+        (UPGRADE, True),
+        (UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: WebSocket"), True),
+        (UPGRADE.replace(b"keep-alive, Upgrade", b"upgrade"), True),
+        (UPGRADE.replace(b"GET", b"POST", 1), False),
+        (UPGRADE.replace(b"/media-stream/", b"/twiml/", 1), False),
+        (UPGRADE.replace(b"Upgrade: websocket\r\n", b""), False),
+        (UPGRADE.replace(b"keep-alive, Upgrade", b"keep-alive"), False),
+        (UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: h2c"), False),
+        (b"POST /twiml HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", False),
+    ],
+)
+def test_only_a_websocket_upgrade_to_the_media_route_is_diverted(data: bytes, media: bool) -> None:
+    head = parse_head(data)
+    assert head is not None
+    assert wants_media_stream(head) is media
+
+
+async def test_replay_returns_the_head_first_within_max_bytes_then_the_stream() -> None:
+    inner_send, inner_receive = trio.testing.memory_stream_pair()
+    replay = Replay(inner_receive, b"abcdef")
+    assert await replay.receive_some(4) == b"abcd"
+    assert await replay.receive_some() == b"ef"
+    await inner_send.send_all(b"more")
+    assert await replay.receive_some() == b"more"
+
+
+# --- through the server ------------------------------------------------------------------------
+
+
+async def raw_exchange(port: int, chunks: list[bytes], *, half_close: bool = False, pause_s: float = 0.0) -> bytes:
+    """Send ``chunks`` (with pauses) on one connection and read until the server closes it."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        for chunk in chunks:
+            await stream.send_all(chunk)
+            await trio.sleep(pause_s)
+        if half_close:
+            await stream.send_eof()
+        received = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                received += data
+                if not half_close and b"\r\n\r\n" in received and _complete(received):
+                    break
+        return received
+
+
+def _complete(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
+def _port(bridge: object) -> int:
+    return int(bridge.http_base.rsplit(":", 1)[1])  # type: ignore[attr-defined]
+
+
+BIG = b"a" * (front.HEAD_LIMIT + 100)
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: bridge.example.com\r\nConnection: close\r\n\r\n"
+
+
+async def test_a_webhook_head_sent_byte_by_byte_is_still_answered() -> None:
+    async with running_bridge() as bridge:
+        response = await raw_exchange(_port(bridge), [HEALTH[i : i + 1] for i in range(len(HEALTH))])
+        assert response.startswith(b"HTTP/1.1 200")
+        assert b'"status"' in response or b"ok" in response.lower()
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
+    async with running_bridge() as bridge:
+        response = await raw_exchange(_port(bridge), [HEALTH], half_close=True)
+        assert response.startswith(b"HTTP/1.1 200")
+
+
+async def test_two_requests_on_one_keep_alive_connection_are_both_answered() -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: bridge.example.com\r\n\r\n"
+    async with running_bridge() as bridge:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(bridge))
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(request)
+                received = b""
+                with trio.fail_after(10):
+                    while not (b"\r\n\r\n" in received and _complete(received)):
+                        received += await stream.receive_some(65536)
+                assert received.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "statuses"),
+    [
+        (b"GET /media-stream/abc HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", (b"404", b"405", b"400")),
+        # Past HEAD_LIMIT the front door stops looking and Hypercorn decides (it takes this one).
+        (b"GET /healthz HTTP/1.1\r\nHost: h\r\nX-Big: " + BIG + b"\r\n\r\n", (b"200", b"400", b"431")),
+        (b"BREW /pot HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", (b"404", b"405", b"400")),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\r\n\r\n", (b"400",)),  # a TLS hello
+    ],
+)
+async def test_what_the_front_door_does_not_divert_is_answered_by_hypercorn_as_before(
+    request_bytes: bytes, statuses: tuple[bytes, ...]
+) -> None:
+    async with running_bridge() as bridge:
+        response = await raw_exchange(_port(bridge), [request_bytes])
+        assert response[9:12] in statuses, response[:200]
+        assert await bridge.twilio.call(CallPlan(speed=8.0, hangup_after_s=3.0)) is not None  # still serving
+
+
+async def test_a_garbage_upgrade_to_the_media_route_is_refused_and_opens_nothing() -> None:
+    async with running_bridge() as bridge:
+        broken = UPGRADE.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 99")
+        response = await raw_exchange(_port(bridge), [broken])
+        assert response.startswith(b"HTTP/1.1 4"), response[:200]
+        unsigned = await raw_exchange(_port(bridge), [UPGRADE])
+        assert unsigned.startswith(b"HTTP/1.1 403"), unsigned[:200]
+        assert b"Forbidden" in unsigned
+        assert bridge.agent.connections_total == 0
+        assert bridge.app.active_calls == 0
+
+
+def _private_sockets() -> set[Path]:
+    root = Path(os.environ.get("TMPDIR", "/tmp"))
+    return {p for p in root.glob("bridge-*/hypercorn.sock") if stat.S_ISSOCK(p.stat().st_mode)}
+
+
+async def test_hypercorn_private_socket_is_private_and_removed_at_shutdown() -> None:
+    before = _private_sockets()
+    async with running_bridge() as bridge:
+        mine = _private_sockets() - before
+        assert len(mine) == 1, mine
+        (path,) = mine
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        await bridge.twilio.call(CallPlan(speed=8.0, hangup_after_s=2.0))
+    assert not path.exists() and not path.parent.exists()
+
+
+async def test_a_call_through_hypercorn_still_works() -> None:
+    """An upgrade that reaches Hypercorn (a reused keep-alive connection) is served by the raw
+    ASGI route: a whole call through Hypercorn alone, with the same app."""
+    async with running_bridge() as bridge, trio.open_nursery() as nursery:
+        config = hypercorn_config(bridge.settings, bind=["127.0.0.1:0"])
+        binds = await nursery.start(functools.partial(hypercorn_serve, bridge.app, config, mode="asgi"))  # type: ignore[arg-type]
+        twilio = FakeTwilio(http_base=binds[0], public_base=PUBLIC, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+        result = await twilio.call(CallPlan(speed=8.0, hangup_after_s=6.0))
+        assert result.ended_by == "caller" and result.violations == []
+        assert bridge.agent.greeting_audio in result.heard
+        nursery.cancel_scope.cancel()
