@@ -124,13 +124,19 @@ class FrontDoor:
         app = self._app
         async with trio.open_nursery() as websocket_tasks:  # trio-websocket's reader task
             try:
-                with trio.fail_after(HANDSHAKE_DEADLINE_S):
+                # A malformed upgrade is answered 400 by trio-websocket, which then never
+                # produces a request: the deadline ends the wait.
+                with trio.move_on_after(HANDSHAKE_DEADLINE_S) as handshake:
                     request = await trio_websocket.wrap_server_stream(
                         websocket_tasks,
                         Replay(stream, buffered),
                         message_queue_size=TWILIO_QUEUE,
                         max_message_size=app.settings.max_twilio_frame_bytes,
                     )
+                if handshake.cancelled_caught:
+                    app.metrics.rejected_streams.labels("bad handshake").inc()
+                    log.warning("refused a Media Stream: the WebSocket handshake was invalid or incomplete")
+                    return
                 phone = WsPhoneSocket(stream)
                 admitted = app.admit_stream(request.path, request.headers, phone)
                 if isinstance(admitted, int):

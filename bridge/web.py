@@ -1,8 +1,10 @@
-"""The HTTP surface: Quart-Trio webhooks, and the Media Streams route handed to ``phone/stream``.
+"""The application: Quart-Trio webhooks, and admission of Media Streams calls.
 
 Routes: ``POST /twiml``, ``POST /outbound-twiml``, ``POST /call-status``, ``POST /stream-status``,
 ``GET /healthz``, ``GET /metrics``, ``WS /media-stream/<token>``. Thin: each validates (signature
-against the configured public URL, never the Host header) and hands off.
+against the configured public URL, never the Host header) and hands off. A stream normally arrives
+through the front door (``bridge/front.py``), which calls :meth:`BridgeApp.admit_stream` and
+:meth:`BridgeApp.run_call`; the ASGI route does the same for an upgrade that reaches Hypercorn.
 """
 
 from __future__ import annotations

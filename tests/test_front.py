@@ -164,11 +164,19 @@ async def test_what_the_front_door_does_not_divert_is_answered_by_hypercorn_as_b
         assert await bridge.twilio.call(CallPlan(speed=8.0, hangup_after_s=3.0)) is not None  # still serving
 
 
-async def test_a_garbage_upgrade_to_the_media_route_is_refused_and_opens_nothing() -> None:
+async def test_a_garbage_upgrade_to_the_media_route_is_refused_and_opens_nothing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(front, "HANDSHAKE_DEADLINE_S", 0.3)
     async with running_bridge() as bridge:
         broken = UPGRADE.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 99")
         response = await raw_exchange(_port(bridge), [broken])
         assert response.startswith(b"HTTP/1.1 4"), response[:200]
+        rejected = bridge.app.metrics.rejected_streams.labels("bad handshake")
+        with trio.fail_after(5):
+            while rejected._value.get() < 1:
+                await trio.sleep(0.05)
+        assert "a connection failed" not in caplog.text  # refused, not crashed
         unsigned = await raw_exchange(_port(bridge), [UPGRADE])
         assert unsigned.startswith(b"HTTP/1.1 403"), unsigned[:200]
         assert b"Forbidden" in unsigned
