@@ -53,12 +53,18 @@ def _serve(*, check_only: bool) -> int:
         print("Configuration OK:")
         print("\n".join(settings.describe()))
         return 0
-    from bridge.workers import PARENT_PID_ENV, WORKER_FD_ENV, drain_when_orphaned, run_workers
+    from bridge.workers import PARENT_PID_ENV, WORKER_FD_ENV, bind_public_socket, drain_when_orphaned, run_workers
 
     worker_fd = os.environ.get(WORKER_FD_ENV)
-    if settings.workers > 1 and worker_fd is None:
-        return run_workers(settings, os.environ)
-    bind = [f"fd://{int(worker_fd)}"] if worker_fd else None
+    try:
+        if settings.workers > 1 and worker_fd is None:
+            return run_workers(settings, os.environ)
+        # Bound here, before Trio starts: a port in use is one line, not a traceback.
+        fd = int(worker_fd) if worker_fd else bind_public_socket(settings).detach()
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    bind = [f"fd://{fd}"]
     app = create_app(settings, collaborators)
 
     async def run() -> int:
@@ -76,7 +82,7 @@ def _serve(*, check_only: bool) -> int:
                 nursery.cancel_scope.cancel()  # the orphan watcher has nothing left to watch
 
             await nursery.start(serving)
-            if bind is None:  # a worker's parent prints the banner
+            if worker_fd is None:  # a worker's parent prints the banner
                 print(f"Server running on http://localhost:{settings.port}", flush=True)
                 print("\n".join(settings.describe()), flush=True)
         return exit_code

@@ -20,6 +20,7 @@ from types import FrameType
 import trio
 
 from bridge.config import Settings
+from bridge.errors import ConfigError
 
 WORKER_FD_ENV = "BRIDGE_WORKER_FD"  # set by the parent for its workers only
 PARENT_PID_ENV = "BRIDGE_WORKER_PARENT"
@@ -33,10 +34,21 @@ async def drain_when_orphaned(parent_pid: int, shutdown: trio.Event) -> None:
     shutdown.set()
 
 
+def bind_public_socket(settings: Settings) -> socket.socket:
+    """Bind BIND_HOST:PORT before anything else starts. Raises ConfigError (one line) if it can't."""
+    family = socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET
+    try:
+        return socket.create_server((settings.bind_host, settings.port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {settings.bind_host}:{settings.port} ({os.strerror(exc.errno) if exc.errno else exc}): "
+            f"stop what uses PORT {settings.port}, or set PORT (and BIND_HOST) to a free address"
+        ) from exc
+
+
 def run_workers(settings: Settings, environ: Mapping[str, str]) -> int:
     """Bind, start the workers, forward signals, wait. Returns the workers' worst exit code."""
-    family = socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET
-    listener = socket.create_server((settings.bind_host, settings.port), family=family, backlog=2048)
+    listener = bind_public_socket(settings)
     listener.set_inheritable(True)
     env = dict(environ) | {WORKER_FD_ENV: str(listener.fileno()), PARENT_PID_ENV: str(os.getpid()), "WORKERS": "1"}
     # Every worker must accept every other worker's tokens.

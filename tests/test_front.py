@@ -211,3 +211,31 @@ async def test_a_call_through_hypercorn_still_works() -> None:
         assert result.ended_by == "caller" and result.violations == []
         assert bridge.agent.greeting_audio in result.heard
         nursery.cancel_scope.cancel()
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.harness import API_KEY
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "ASSEMBLYAI_API_KEY": API_KEY,
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "PUBLIC_HOSTNAME": PUBLIC,
+            "BIND_HOST": "127.0.0.1",
+            "PORT": str(port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"Configuration error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    assert "PORT" in lines[0] and "Traceback" not in done.stderr
