@@ -108,6 +108,8 @@ class FrontDoor:
         stream = DirectSocketStream(tcp)
         try:
             buffered = await _read_head(stream)
+            if not buffered:
+                return  # closed or silent for HEAD_DEADLINE_S (a probe, or a slow-loris): nothing to serve
             head = parse_head(buffered)
             if head is not None and wants_media_stream(head):
                 await self._media_stream(stream, buffered)

@@ -239,3 +239,13 @@ def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"Configuration error: cannot listen on 127.0.0.1:{port} (Address already in use)")
     assert "PORT" in lines[0] and "Traceback" not in done.stderr
+
+
+async def test_a_silent_connection_is_closed_after_the_head_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(front, "HEAD_DEADLINE_S", 0.3)
+    async with running_bridge() as bridge:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(bridge))
+        async with stream:
+            with trio.fail_after(5):
+                assert await stream.receive_some() == b""  # closed by the bridge, nothing sent
+        assert (await raw_exchange(_port(bridge), [HEALTH])).startswith(b"HTTP/1.1 200")
