@@ -19,6 +19,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config
@@ -102,7 +103,7 @@ async def serve(
         if handle_signals:
             watchers.start_soon(watch_signals)
         listeners = await open_listeners(bind or [f"{settings.bind_host}:{settings.port}"])
-        private_dir = tempfile.mkdtemp(prefix="bridge-")
+        private_dir = make_private_dir()
         try:
             hypercorn_socket = os.path.join(private_dir, "hypercorn.sock")
             config = hypercorn_config(settings, bind=[f"unix:{hypercorn_socket}"])
@@ -151,3 +152,30 @@ async def open_listeners(binds: Sequence[str]) -> list[trio.SocketListener]:
 def _url(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+PRIVATE_PREFIX = "bridge-hypercorn-"
+
+
+def make_private_dir(root: str | None = None) -> str:
+    """A 0700 directory for Hypercorn's unix socket, named after our pid. Directories that killed
+    bridge processes (SIGKILL, OOM) could not remove are removed first."""
+    root = root or tempfile.gettempdir()
+    remove_stale_private_dirs(root)
+    return tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-", dir=root)
+
+
+def remove_stale_private_dirs(root: str) -> None:
+    for path in Path(root).glob(f"{PRIVATE_PREFIX}*-*"):
+        pid_text = path.name[len(PRIVATE_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) <= 0:
+            continue
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a bridge process that no longer runs", path)
+        except OSError:
+            continue  # alive under another user, or removed meanwhile

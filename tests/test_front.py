@@ -186,7 +186,7 @@ async def test_a_garbage_upgrade_to_the_media_route_is_refused_and_opens_nothing
 
 def _private_sockets() -> set[Path]:
     root = Path(os.environ.get("TMPDIR", "/tmp"))
-    return {p for p in root.glob("bridge-*/hypercorn.sock") if stat.S_ISSOCK(p.stat().st_mode)}
+    return {p for p in root.glob("bridge-hypercorn-*/hypercorn.sock") if stat.S_ISSOCK(p.stat().st_mode)}
 
 
 async def test_hypercorn_private_socket_is_private_and_removed_at_shutdown() -> None:
@@ -249,3 +249,24 @@ async def test_a_silent_connection_is_closed_after_the_head_deadline(monkeypatch
             with trio.fail_after(5):
                 assert await stream.receive_some() == b""  # closed by the bridge, nothing sent
         assert (await raw_exchange(_port(bridge), [HEALTH])).startswith(b"HTTP/1.1 200")
+
+
+def test_directories_left_by_killed_bridges_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import subprocess
+
+    from bridge.server import PRIVATE_PREFIX, make_private_dir
+
+    dead_pid = subprocess.Popen(["true"])  # a pid that has exited (and been reaped)
+    dead_pid.wait()
+    stale = tmp_path / f"{PRIVATE_PREFIX}{dead_pid.pid}-abc"
+    stale.mkdir()
+    (stale / "hypercorn.sock").write_text("left over")
+    alive = tmp_path / f"{PRIVATE_PREFIX}{os.getppid()}-def"
+    alive.mkdir()
+    other = tmp_path / "bridge-demo-xyz"
+    other.mkdir()
+    mine = Path(make_private_dir(str(tmp_path)))
+    assert not stale.exists()
+    assert alive.exists() and other.exists()
+    assert mine.name.startswith(f"{PRIVATE_PREFIX}{os.getpid()}-")
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
