@@ -486,15 +486,15 @@ class CallSession:
                         self.state.stats.frames_dropped_backpressure += 1
                     elif self._nursery is not None:
                         self._nursery.start_soon(self._agent_out_send.send, action.text)  # type: ignore[union-attr]
-                except trio.ClosedResourceError:
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
                     pass
             elif kind is st.SendPhone:
                 try:
                     self._phone_out_send.send_nowait((action.text, action.epoch))  # type: ignore[union-attr]
                 except trio.WouldBlock:
                     self._stuck("Twilio is not reading: the playback queue is full")
-                except trio.ClosedResourceError:
-                    pass
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # the Twilio writer has finished (its socket is gone): nothing more is played
             elif kind is st.Log:
                 log.log(action.level, action.message)  # type: ignore[union-attr]
             elif kind is st.EndCall:
