@@ -523,3 +523,27 @@ async def test_a_failed_resume_is_counted_as_failed(nursery: trio.Nursery, autoj
     text = setup.metrics.render().decode()
     assert 'bridge_upstream_resumes_total{result="failed"} 1.0' in text
     assert 'bridge_upstream_resumes_total{result="ok"}' not in text
+
+
+async def test_agent_audio_after_the_twilio_writer_ended_still_lets_the_call_end_upstream(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    """Twilio stops taking frames (its socket is going away) while the agent still speaks: the
+    audio for it is dropped, the agent leg is not mistaken for a failed connect, and hanging up
+    still sends ``session.end``."""
+    call = Call(nursery)
+    agent = await call.start()
+    call.twilio.from_bridge.close()  # the bridge's next send to Twilio fails: its writer ends
+    await agent.send(ev("reply.started", reply_id="r1"))
+    for i in range(5):
+        await agent.send(ev("reply.audio", reply_id="r1", data=payload(i, 300)))
+        await trio.testing.wait_all_tasks_blocked()
+    await call.twilio.send(call.script.stop())
+    with trio.fail_after(2):
+        while (event := await agent.receive()) is not None and event["type"] != "session.end":
+            pass
+    assert event == {"type": "session.end"}
+    await agent.send(ev("session.ended", session_duration_seconds=1.0, audio_duration_seconds=None))
+    agent.close()
+    await call.done.wait()
+    assert call.summary.outcome is Outcome.CALLER_HUNG_UP
