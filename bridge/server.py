@@ -34,9 +34,9 @@ log = logging.getLogger("bridge.server")
 _FINAL_END_S = 3.0  # after DRAIN_SECONDS: time for the calls we end to say goodbye upstream
 
 
-def hypercorn_config(settings: Settings, *, bind: Sequence[str] | None = None) -> Config:
+def hypercorn_config(settings: Settings, *, bind: Sequence[str]) -> Config:
     config = Config()
-    config.bind = list(bind or [f"{settings.bind_host}:{settings.port}"])
+    config.bind = list(bind)  # the private unix socket behind the front door (or a test's own)
     # A Twilio frame is ~300 bytes: anything far bigger is hostile and closes with 1009.
     config.websocket_max_message_size = settings.max_twilio_frame_bytes
     # Calls are ended by our drain before shutdown starts; only idle keep-alive connections are

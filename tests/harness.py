@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import trio
 
@@ -33,6 +34,13 @@ class Running:
     shutdown: trio.Event
     rest: FakeTwilioRest | None = None
     outbound_plan: CallPlan | None = None  # what the callee does when a REST-placed call is answered
+
+    @property
+    def port(self) -> int:
+        """The bridge's TCP port on 127.0.0.1."""
+        port = urlsplit(self.http_base).port
+        assert port is not None
+        return port
 
 
 def settings_for(agent_url: str, **overrides: str) -> Settings:

@@ -84,13 +84,14 @@ async def test_replay_returns_the_head_first_within_max_bytes_then_the_stream() 
 # --- through the server ------------------------------------------------------------------------
 
 
-async def raw_exchange(port: int, chunks: list[bytes], *, half_close: bool = False, pause_s: float = 0.0) -> bytes:
-    """Send ``chunks`` (with pauses) on one connection and read until the server closes it."""
+async def raw_exchange(port: int, chunks: list[bytes], *, half_close: bool = False) -> bytes:
+    """Send ``chunks`` on one connection (a scheduling point after each, so the bridge may read
+    them one by one) and read the whole answer."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         for chunk in chunks:
             await stream.send_all(chunk)
-            await trio.sleep(pause_s)
+            await trio.lowlevel.checkpoint()
         if half_close:
             await stream.send_eof()
         received = b""
@@ -110,31 +111,27 @@ def _complete(response: bytes) -> bool:
     return False
 
 
-def _port(bridge: object) -> int:
-    return int(bridge.http_base.rsplit(":", 1)[1])  # type: ignore[attr-defined]
-
-
 BIG = b"a" * (front.HEAD_LIMIT + 100)
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: bridge.example.com\r\nConnection: close\r\n\r\n"
 
 
 async def test_a_webhook_head_sent_byte_by_byte_is_still_answered() -> None:
     async with running_bridge() as bridge:
-        response = await raw_exchange(_port(bridge), [HEALTH[i : i + 1] for i in range(len(HEALTH))])
+        response = await raw_exchange(bridge.port, [HEALTH[i : i + 1] for i in range(len(HEALTH))])
         assert response.startswith(b"HTTP/1.1 200")
         assert b'"status"' in response or b"ok" in response.lower()
 
 
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> None:
     async with running_bridge() as bridge:
-        response = await raw_exchange(_port(bridge), [HEALTH], half_close=True)
+        response = await raw_exchange(bridge.port, [HEALTH], half_close=True)
         assert response.startswith(b"HTTP/1.1 200")
 
 
 async def test_two_requests_on_one_keep_alive_connection_are_both_answered() -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: bridge.example.com\r\n\r\n"
     async with running_bridge() as bridge:
-        stream = await trio.open_tcp_stream("127.0.0.1", _port(bridge))
+        stream = await trio.open_tcp_stream("127.0.0.1", bridge.port)
         async with stream:
             for _ in range(2):
                 await stream.send_all(request)
@@ -159,7 +156,7 @@ async def test_what_the_front_door_does_not_divert_is_answered_by_hypercorn_as_b
     request_bytes: bytes, statuses: tuple[bytes, ...]
 ) -> None:
     async with running_bridge() as bridge:
-        response = await raw_exchange(_port(bridge), [request_bytes])
+        response = await raw_exchange(bridge.port, [request_bytes])
         assert response[9:12] in statuses, response[:200]
         assert await bridge.twilio.call(CallPlan(speed=8.0, hangup_after_s=3.0)) is not None  # still serving
 
@@ -170,14 +167,14 @@ async def test_a_garbage_upgrade_to_the_media_route_is_refused_and_opens_nothing
     monkeypatch.setattr(front, "HANDSHAKE_DEADLINE_S", 0.3)
     async with running_bridge() as bridge:
         broken = UPGRADE.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 99")
-        response = await raw_exchange(_port(bridge), [broken])
+        response = await raw_exchange(bridge.port, [broken])
         assert response.startswith(b"HTTP/1.1 4"), response[:200]
         rejected = bridge.app.metrics.rejected_streams.labels("bad handshake")
         with trio.fail_after(5):
             while rejected._value.get() < 1:
                 await trio.sleep(0.05)
         assert "a connection failed" not in caplog.text  # refused, not crashed
-        unsigned = await raw_exchange(_port(bridge), [UPGRADE])
+        unsigned = await raw_exchange(bridge.port, [UPGRADE])
         assert unsigned.startswith(b"HTTP/1.1 403"), unsigned[:200]
         assert b"Forbidden" in unsigned
         assert bridge.agent.connections_total == 0
@@ -244,11 +241,11 @@ def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
 async def test_a_silent_connection_is_closed_after_the_head_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(front, "HEAD_DEADLINE_S", 0.3)
     async with running_bridge() as bridge:
-        stream = await trio.open_tcp_stream("127.0.0.1", _port(bridge))
+        stream = await trio.open_tcp_stream("127.0.0.1", bridge.port)
         async with stream:
             with trio.fail_after(5):
                 assert await stream.receive_some() == b""  # closed by the bridge, nothing sent
-        assert (await raw_exchange(_port(bridge), [HEALTH])).startswith(b"HTTP/1.1 200")
+        assert (await raw_exchange(bridge.port, [HEALTH])).startswith(b"HTTP/1.1 200")
 
 
 def test_directories_left_by_killed_bridges_are_removed_and_live_ones_kept(tmp_path: Path) -> None:

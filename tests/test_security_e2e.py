@@ -58,12 +58,6 @@ async def _stream_url(bridge: Running, call_sid: str | None = None, path: str = 
     return call_sid, spec.url
 
 
-def _port(bridge: Running) -> int:
-    port = urlsplit(bridge.http_base).port
-    assert port is not None
-    return port
-
-
 async def _raw_post(bridge: Running, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
     async with httpx.AsyncClient(timeout=10) as client:
         return await client.post(bridge.http_base + path, content=body, headers=headers)
@@ -209,7 +203,7 @@ async def test_upgrade_signature_missing_wrong_or_over_the_wrong_url_is_refused_
             "garbage": {"signature": "garbage"},
             "wrong token": {"signature": RequestValidator("f" * 32).compute_signature(url, {})},
             "https:// form": {"signature": tw.sign(url.replace("wss://", "https://"), {})},
-            "internal ws:// URL": {"signature": tw.sign(f"ws://127.0.0.1:{_port(bridge)}{path}", {})},
+            "internal ws:// URL": {"signature": tw.sign(f"ws://127.0.0.1:{bridge.port}{path}", {})},
             "another path": {"signature": tw.sign(url + "x", {})},
             "with params": {"signature": tw.sign(url, {"CallSid": call_sid})},
         }
@@ -347,7 +341,7 @@ async def _raw_stream(
     """A Media Streams socket whose TCP stream the test owns (to drop it at will)."""
     path = urlsplit(url).path
     async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", _port(bridge))
+        stream = await trio.open_tcp_stream("127.0.0.1", bridge.port)
         headers = [(b"x-twilio-signature", bridge.twilio.sign(url, {}).encode())]
         ws = await trio_websocket.wrap_client_stream(
             nursery, stream, "bridge.example.com", path, extra_headers=headers, max_message_size=4 * 1024 * 1024

@@ -440,8 +440,8 @@ async def test_upstream_drop_is_resumed_and_the_gap_is_not_burst(nursery: trio.N
     assert call.session.stats.resumes == 1 and call.session.stats.frames_dropped_gap >= 1
 
 
-async def test_failed_resume_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
-    call = Call(nursery)
+async def drop_then_refuse_the_resume(call: Call) -> None:
+    """The upstream drops; the resume on the new socket is answered session_not_found."""
     agent = await call.start()
     agent.close()
     while len(call.connector.peers) < 2:
@@ -450,6 +450,11 @@ async def test_failed_resume_ends_the_call(nursery: trio.Nursery, autojump_clock
     await second.receive()
     await second.send(ev("session.error", code="session_not_found", message="gone"))
     await call.done.wait()
+
+
+async def test_failed_resume_ends_the_call(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    await drop_then_refuse_the_resume(call)
     assert call.summary.outcome is Outcome.UPSTREAM_FAILED and call.phone_sock.closed
 
 
@@ -512,14 +517,7 @@ async def test_a_failed_resume_is_counted_as_failed(nursery: trio.Nursery, autoj
     setup = make_setup()
     setup.metrics = Metrics()
     call = Call(nursery, setup)
-    agent = await call.start()
-    agent.close()
-    while len(call.connector.peers) < 2:
-        await trio.sleep(0.05)
-    second = call.connector.peers[1]
-    await second.receive()
-    await second.send(ev("session.error", code="session_not_found", message="gone"))
-    await call.done.wait()
+    await drop_then_refuse_the_resume(call)
     text = setup.metrics.render().decode()
     assert 'bridge_upstream_resumes_total{result="failed"} 1.0' in text
     assert 'bridge_upstream_resumes_total{result="ok"}' not in text
