@@ -16,12 +16,12 @@ import logging
 from dataclasses import dataclass
 
 import trio
-import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from bridge.phone.stream import STREAM_PREFIX, WsPhoneSocket, refusal
 from bridge.tcp import DirectSocketStream
 from bridge.web import BridgeApp
+from bridge.wsconn import wrap_server
 
 log = logging.getLogger("bridge.front")
 
@@ -129,7 +129,7 @@ class FrontDoor:
                 # A malformed upgrade is answered 400 by trio-websocket, which then never
                 # produces a request: the deadline ends the wait.
                 with trio.move_on_after(HANDSHAKE_DEADLINE_S) as handshake:
-                    request = await trio_websocket.wrap_server_stream(
+                    request = await wrap_server(
                         websocket_tasks,
                         Replay(stream, buffered),
                         message_queue_size=TWILIO_QUEUE,

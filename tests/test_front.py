@@ -16,7 +16,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from bridge import front
 from bridge.front import Replay, parse_head, wants_media_stream
+from bridge.phone.stream import WsPhoneSocket
 from bridge.server import hypercorn_config
+from bridge.wsconn import LeanWebSocketConnection
 from tests.harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, running_bridge
 from tools.fake_twilio import CallPlan, FakeTwilio
 
@@ -208,6 +210,21 @@ async def test_a_call_through_hypercorn_still_works() -> None:
         assert result.ended_by == "caller" and result.violations == []
         assert bridge.agent.greeting_audio in result.heard
         nursery.cancel_scope.cancel()
+
+
+async def test_a_call_through_the_front_door_runs_on_the_lean_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    accepted = WsPhoneSocket.accepted
+
+    def spy(self: WsPhoneSocket, ws: object) -> None:
+        seen.append(ws)
+        accepted(self, ws)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WsPhoneSocket, "accepted", spy)
+    async with running_bridge() as bridge:
+        result = await bridge.twilio.call(CallPlan(speed=8.0, hangup_after_s=2.0))
+    assert result.ended_by == "caller" and result.violations == []
+    assert len(seen) == 1 and isinstance(seen[0], LeanWebSocketConnection)
 
 
 def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:

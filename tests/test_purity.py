@@ -23,6 +23,7 @@ PURE_MODULES = [
     "bridge.call.actions",
     "bridge.agent.schema",
     "bridge.wire",
+    "bridge.wsframing",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,6 +18,7 @@ import trio_websocket
 from bridge.agent.connection import AgentEndpoint, open_agent_socket
 from bridge.errors import UpstreamError
 from bridge.tcp import DirectSocketStream
+from bridge.wsconn import LeanWebSocketConnection
 from tests.test_deploy import make_cert
 
 
@@ -179,6 +180,7 @@ async def test_wss_upstream_over_tls_on_the_direct_stream(tmp_path: Path) -> Non
         with trio.fail_after(10):
             async with trio.open_nursery() as leg:
                 sock = await open_agent_socket(leg, endpoint)
+                assert isinstance(sock._ws, LeanWebSocketConnection)  # the upstream runs on the lean connection
                 await sock.send('{"type":"session.update"}')
                 assert await sock.receive() == 'echo:{"type":"session.update"}'
                 big = "a" * 200_000  # several TLS records each way

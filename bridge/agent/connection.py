@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed
 
 from bridge.errors import UpstreamError
 from bridge.tcp import DirectSocketStream
+from bridge.wsconn import wrap_client
 
 log = logging.getLogger("bridge.agent")
 
@@ -137,9 +138,9 @@ async def open_agent_socket(nursery: trio.Nursery, endpoint: AgentEndpoint) -> A
             raise
     host_header = host if parts.port is None else f"{host}:{parts.port}"
     try:
-        ws = await trio_websocket.wrap_client_stream(
+        ws = await wrap_client(
             nursery,
-            stream,  # type: ignore[arg-type]
+            stream,
             host_header,
             resource,
             extra_headers=[(b"Authorization", f"Bearer {endpoint.api_key}".encode())],
