@@ -206,6 +206,7 @@ _MEDIAN_PATHS = (
     ("rss_peak_kb",),
     ("rss_per_call_kb",),
     ("rss_after_kb",),
+    ("rss_settled_kb",),
     ("rss_before_kb",),
     ("calls_failed",),
     ("calls_closed_early",),
@@ -271,6 +272,7 @@ TABLE_HEADER = (
     "RSS peak MB",
     "RSS KB/call",
     "RSS after MB",
+    "RSS settled MB",
     "held",
 )
 
@@ -308,6 +310,7 @@ def table_rows(label: str, levels: Sequence[dict[str, Any]]) -> list[list[str]]:
                 _fmt(None if lv.get("rss_peak_kb") is None else lv["rss_peak_kb"] / 1024),
                 _fmt(lv.get("rss_per_call_kb")),
                 _fmt(None if lv.get("rss_after_kb") is None else lv["rss_after_kb"] / 1024),
+                _fmt(None if lv.get("rss_settled_kb") is None else lv["rss_settled_kb"] / 1024),
                 verdict,
             ]
         )
@@ -686,8 +689,10 @@ def run_level(
     speech_every_s: float,
     ramp_rate: float,
     profile: dict[str, Any] | None = None,
+    settle_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One level against a running server: returns the level record."""
+    """One level against a running server: returns the level record. With ``settle_s``, RSS is
+    read again that long after the calls ended (deadlines of finished calls have passed)."""
     assert server.proc is not None
     pid = server.proc.pid
     server.wait_idle()
@@ -745,6 +750,10 @@ def run_level(
     idle = server.wait_idle()
     time.sleep(1.0)
     rss_after = proc_rss_kb(pid)
+    rss_settled = None
+    if settle_s > 0:
+        time.sleep(settle_s)
+        rss_settled = proc_rss_kb(pid)
     server_cpu = gen_cpu = 0.0
     other: float | None = None
     if "steady_start" in marks and "steady_end" in marks:
@@ -761,6 +770,7 @@ def run_level(
         "rss_before_kb": rss_before,
         "rss_peak_kb": max(rss.peak, rss_before or 0) or None,
         "rss_after_kb": rss_after,
+        "rss_settled_kb": rss_settled,
         "server_idle_after": idle,
     }
     return summarise_level(raw, measured)
@@ -823,6 +833,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--speech-every", type=float, default=2.0, help="seconds between input.speech.started per call")
     p.add_argument("--ramp-rate", type=float, default=100.0, help="new calls per second while ramping up")
     p.add_argument("--no-warmup", action="store_true", help="skip the 3-call warm-up before the first level")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="after each level, read RSS again this many seconds after the calls ended (default: off)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin server and generator to separate cores")
     p.add_argument(
         "--profile", action="store_true", help="py-spy the main server during the level nearest 100 calls (first run)"
@@ -931,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             speech_every_s=args.speech_every,
                             ramp_rate=args.ramp_rate,
                             profile=profile,
+                            settle_s=args.settle,
                         )
                         results["servers"][srv.spec.label]["runs"][-1].append(rec)
                         print(format_table(table_rows(srv.spec.label, [rec])), flush=True)
