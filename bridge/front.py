@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed
 
+from bridge.observe import release_free_memory
 from bridge.phone.stream import STREAM_PREFIX, WsPhoneSocket, refusal
 from bridge.tcp import DirectSocketStream
 from bridge.web import BridgeApp
@@ -97,21 +98,29 @@ class Replay(trio.abc.Stream):
         await self._inner.aclose()
 
 
+IDLE_RELEASES_AT_S = (0.0, 1.0, 5.0)  # after the last call's connection has closed
+
+
 class FrontDoor:
     """Routes each accepted connection; one bad connection never hurts another."""
 
     def __init__(self, app: BridgeApp, hypercorn_socket: str) -> None:
         self._app = app
         self._hypercorn_socket = hypercorn_socket
+        self._media_streams = 0  # Media Streams connections open (admitted or not)
+        self._went_idle = trio.Event()  # the last one has closed: see release_memory_when_idle
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         stream = DirectSocketStream(tcp)
+        media = False
         try:
             buffered = await _read_head(stream)
             if not buffered:
                 return  # closed or silent for HEAD_DEADLINE_S (a probe, or a slow-loris): nothing to serve
             head = parse_head(buffered)
             if head is not None and wants_media_stream(head):
+                media = True
+                self._media_streams += 1
                 await self._media_stream(stream, buffered)
             else:
                 await self._to_hypercorn(stream, buffered)
@@ -121,6 +130,25 @@ class FrontDoor:
             log.exception("a connection failed")
         finally:
             await trio.aclose_forcefully(stream)
+            if media:
+                self._media_streams -= 1
+                if not self._media_streams and not self._app.active_calls:
+                    self._went_idle.set()
+
+    async def release_memory_when_idle(self) -> None:
+        """Each time the last call's connection has closed, hand freed memory back, and again
+        while the process stays idle: what the calls held is freed over the next second or so
+        (their tasks' last steps, and buffers of connections closing behind them). Measured in
+        BENCHMARKS.md ("Memory"). Runs for the life of the server."""
+        while True:
+            await self._went_idle.wait()
+            self._went_idle = trio.Event()
+            idle_since = trio.current_time()
+            for at_s in IDLE_RELEASES_AT_S:
+                await trio.sleep_until(idle_since + at_s)
+                if self._media_streams or self._app.active_calls:
+                    break  # busy again: the next idle starts over
+                release_free_memory()
 
     async def _media_stream(self, stream: DirectSocketStream, buffered: bytes) -> None:
         app = self._app

@@ -8,6 +8,7 @@ totals, which are folded in when a call ends.
 from __future__ import annotations
 
 import contextvars
+import gc
 import logging
 import sys
 import time
@@ -202,9 +203,13 @@ _malloc_trim = _load_malloc_trim()
 
 
 def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc), so RSS returns to baseline when idle.
+    """Collect the finished calls' reference cycles, then hand freed heap pages back to the OS
+    (glibc), so RSS goes back towards its baseline when the process is idle.
 
-    Called when the last call ends; it takes a few milliseconds, never on a hot path.
+    Called when the last call and its connection are gone; a few milliseconds (start-up objects
+    are frozen out of the collector), never on a hot path. What pymalloc keeps in arenas that
+    still hold a live object is not returned (BENCHMARKS.md, "Memory").
     """
+    gc.collect()
     if _malloc_trim is not None:
         _malloc_trim(0)

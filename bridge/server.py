@@ -124,6 +124,7 @@ async def serve(
             async with trio.open_nursery() as serving:
                 await serving.start(run_hypercorn)
                 front = FrontDoor(app, hypercorn_socket)
+                serving.start_soon(front.release_memory_when_idle)
                 await serving.start(trio.serve_listeners, front.handle, listeners)
                 task_status.started([_url(listener) for listener in listeners])
                 await hypercorn_done.wait()

@@ -227,6 +227,27 @@ async def test_a_call_through_the_front_door_runs_on_the_lean_connection(monkeyp
     assert len(seen) == 1 and isinstance(seen[0], LeanWebSocketConnection)
 
 
+async def test_memory_is_released_when_the_last_media_connection_has_closed_and_while_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released: list[int] = []
+    monkeypatch.setattr(front, "IDLE_RELEASES_AT_S", (0.0, 1.5))
+    async with running_bridge() as bridge:
+        monkeypatch.setattr(front, "release_free_memory", lambda: released.append(bridge.app.active_calls))
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(bridge.twilio.call, CallPlan(speed=8.0, hangup_after_s=2.0))
+        with trio.fail_after(5):
+            while not released:
+                await trio.sleep(0.01)
+        assert released == [0]  # with no call left: not when the first of the two ended
+        # A call starts before the second release is due: that release is skipped (never
+        # mid-call) and the next idle starts over: at once, then again 1.5 s later.
+        await bridge.twilio.call(CallPlan(speed=1.0, hangup_after_s=2.0))
+        await trio.sleep(1.8)
+    assert released == [0, 0, 0]
+
+
 def test_a_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
     import socket
     import subprocess
