@@ -63,7 +63,7 @@ async def test_workers_share_the_port_and_drain_together(tmp_path: Path) -> None
             results = []
 
             async def one_call() -> None:
-                results.append(await twilio.call(CallPlan(speed=10.0, hangup_after_s=5.0)))
+                results.append(await twilio.call(CallPlan(speed=10.0, hangup_after_s=8.0)))
 
             with trio.fail_after(60):
                 async with trio.open_nursery() as calls:
