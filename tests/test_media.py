@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
+import re
 from typing import Any
 
 import orjson
@@ -404,6 +406,18 @@ def test_builders_round_trip(stream_sid: str, payload: str, name: str) -> None:
         assert isinstance(inbound, Media) and inbound.payload == payload
     echo = parse(dumps({"event": "mark", "sequenceNumber": "5", "streamSid": stream_sid, "mark": {"name": name}}))
     assert echo == Mark(stream_sid, name, 5)
+
+
+def test_is_base64_is_exactly_the_padded_base64_pattern() -> None:
+    """Every string up to 6 characters over base64 letters, '=' and a few strangers, and up to 9
+    over a smaller set (two groups, padding anywhere): the C check accepts exactly what the pattern
+    it replaced accepted."""
+    pattern = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?").fullmatch
+    for alphabet, sizes in (("AQg+/=\né", range(7)), ("Ag=\n", range(7, 10))):
+        for size in sizes:
+            for chars in itertools.product(alphabet, repeat=size):
+                text = "".join(chars)
+                assert media.is_base64(text) == bool(pattern(text)), text
 
 
 @settings(max_examples=500)

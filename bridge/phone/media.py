@@ -13,15 +13,31 @@ Reference: ../shared/reference/twilio.md §1.2-1.3.
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.wire import json_object
 
-# Standard base64 with padding (whole 4-character groups): also guarantees nothing in it needs
-# escaping inside JSON, and that the byte count derived from its length is exact.
-is_base64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?").fullmatch
+_a2b_base64 = binascii.a2b_base64
+
+
+def is_base64(text: str) -> bool:
+    """Standard base64 with padding (whole 4-character groups, ``=`` only at the end): nothing in it
+    needs escaping inside JSON, and the byte count derived from its length is exact.
+
+    The same set as ``(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?`` (tested
+    against it), checked in C: a strict decode is 2.5x faster than that regex, on every frame.
+    """
+    if len(text) & 3 or text.find("=", 0, len(text) - 2) >= 0:
+        return False
+    try:
+        _a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: not ASCII
+        return False
+    return True
+
 _is_sid = re.compile(r"[A-Za-z0-9_\-]{1,64}").fullmatch
 _is_mark_name = re.compile(r"[A-Za-z0-9_\-.:]{1,128}").fullmatch
 
