@@ -15,6 +15,8 @@ The connection is built as ``wrap_client_stream``/``wrap_server_stream`` build t
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
@@ -58,6 +60,16 @@ class LeanWebSocketConnection(trio_websocket.WebSocketConnection):
             lock.release()
 
 
+def _start(
+    nursery: trio.Nursery, stream: trio.abc.Stream, role: ConnectionType, *, max_message_size: int, **options: Any
+) -> LeanWebSocketConnection:
+    """A lean connection over ``stream`` with its reader task running (as ``wrap_*_stream`` do)."""
+    framing = FastFraming(WSConnection(role), max_message_bytes=max_message_size)
+    connection = LeanWebSocketConnection(stream, framing, max_message_size=max_message_size, **options)  # type: ignore[arg-type]
+    nursery.start_soon(connection._reader_task)
+    return connection
+
+
 async def wrap_client(
     nursery: trio.Nursery,
     stream: trio.abc.Stream,
@@ -69,16 +81,16 @@ async def wrap_client(
     max_message_size: int,
 ) -> trio_websocket.WebSocketConnection:
     """``trio_websocket.wrap_client_stream`` with the lean connection; returns once open."""
-    connection = LeanWebSocketConnection(
+    connection = _start(
+        nursery,
         stream,
-        FastFraming(WSConnection(ConnectionType.CLIENT), max_message_bytes=max_message_size),  # type: ignore[arg-type]
+        ConnectionType.CLIENT,
+        max_message_size=max_message_size,
         host=host,
         path=resource,
         client_extra_headers=extra_headers,
         message_queue_size=message_queue_size,
-        max_message_size=max_message_size,
     )
-    nursery.start_soon(connection._reader_task)
     await connection._open_handshake.wait()
     return connection
 
@@ -91,11 +103,7 @@ async def wrap_server(
     max_message_size: int,
 ) -> trio_websocket.WebSocketRequest:
     """``trio_websocket.wrap_server_stream`` with the lean connection; returns the request."""
-    connection = LeanWebSocketConnection(
-        stream,
-        FastFraming(WSConnection(ConnectionType.SERVER), max_message_bytes=max_message_size),  # type: ignore[arg-type]
-        message_queue_size=message_queue_size,
-        max_message_size=max_message_size,
+    connection = _start(
+        nursery, stream, ConnectionType.SERVER, max_message_size=max_message_size, message_queue_size=message_queue_size
     )
-    nursery.start_soon(connection._reader_task)
     return await connection._get_request()

@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed
 
 from bridge.tcp import DirectSocketStream
 from bridge.wsconn import LeanWebSocketConnection, wrap_client, wrap_server
+from tests.test_tcp import tcp_pair
 
 MESSAGES: list[str | bytes] = ["", "a", "x" * 125, "y" * 126, "é☎" * 300, "z" * 70_000, b"\x00\xff" * 10, "last"]
 
@@ -23,12 +24,8 @@ async def connected(
     *, lean_client: bool, lean_server: bool, queue: int = 8, max_size: int = 1 << 20
 ) -> AsyncIterator[tuple[trio_websocket.WebSocketConnection, trio_websocket.WebSocketConnection]]:
     """(client, server) over 127.0.0.1, each side lean or trio-websocket's own."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        client_stream = DirectSocketStream(await trio.open_tcp_stream("127.0.0.1", port))
-        server_stream = DirectSocketStream(await listeners[0].accept())
-        await listeners[0].aclose()
+    async with tcp_pair() as (client_stream, peer), trio.open_nursery() as nursery:
+        server_stream = DirectSocketStream(peer)
         server_side: list[trio_websocket.WebSocketConnection] = []
 
         async def serve() -> None:
@@ -56,8 +53,6 @@ async def connected(
             yield client, server_side[0]
         finally:
             nursery.cancel_scope.cancel()
-            await trio.aclose_forcefully(client_stream)
-            await trio.aclose_forcefully(server_stream)
 
 
 SIDES = [(True, True), (True, False), (False, True)]
