@@ -30,9 +30,11 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 from tools.fake_agent import (
     APOLOGY_TEXT,
     DEFAULT_REPLY_TEXT,
+    FOUND_TEXT,
     FakeAgent,
     FakeAgentConfig,
     FaultPlan,
+    tool_answer,
 )
 from tools.fake_agent_audio import EnergyVad, VadEvent
 
@@ -538,6 +540,61 @@ async def test_tool_timeout_gives_apology_reply(autojump_clock: Any) -> None:
         apology = await recv_until(ws, "reply.done")
         assert trio.current_time() - t0 == pytest.approx(120.0)
     assert [e["text"] for e in apology if e["type"] == "transcript.agent"] == [APOLOGY_TEXT]
+
+
+@pytest.mark.parametrize(
+    ("result", "text", "clip"),
+    [
+        ('{"result":5,"min":1,"max":10}', "Sure. Your random number is five.", "number_5"),
+        ('{"result":1}', "Sure. Your random number is one.", "number_1"),
+        ('{"result":10,"min":1,"max":10}', "Sure. Your random number is ten.", "number_10"),
+        ("7", "Sure. Your random number is seven.", "number_7"),
+        ('{"result":0}', FOUND_TEXT, "found"),
+        ('{"result":11}', FOUND_TEXT, "found"),
+        ('{"result":true}', FOUND_TEXT, "found"),
+        ('{"result":5.0}', FOUND_TEXT, "found"),
+        ('{"result":"5"}', FOUND_TEXT, "found"),
+        ('{"error":"min must not be greater than max"}', FOUND_TEXT, "found"),
+        ('{"n": 7}', FOUND_TEXT, "found"),
+        ("not json", FOUND_TEXT, "found"),
+        ("[5]", FOUND_TEXT, "found"),
+    ],
+)
+def test_tool_answer_names_the_number_the_tool_returned(result: str, text: str, clip: str) -> None:
+    assert tool_answer(result) == (text, clip)
+    assert (REPO / "tools" / "audio" / f"{clip}.ulaw").is_file()
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+async def test_tool_answer_audio_and_transcript_agree_with_the_result(n: int) -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        await recv_until(ws, "reply.done")
+        result = orjson.dumps({"result": n, "min": 1, "max": 10}).decode()
+        await send(ws, {"type": "tool.result", "call_id": events[-1]["call_id"], "result": result})
+        answer = await recv_until(ws, "reply.done")
+    audio = b"".join(base64.b64decode(e["data"]) for e in answer if e["type"] == "reply.audio")
+    clip = (REPO / "tools" / "audio" / f"number_{n}.ulaw").read_bytes()
+    assert audio == b"\xff" * 1600 + clip  # 200 ms of leading silence, then the clip
+    [transcript] = [e for e in answer if e["type"] == "transcript.agent"]
+    assert transcript["text"] == tool_answer(result)[0]
+    assert transcript["text"].endswith(("one", "two", "three", "four", "five", "six", "seven",
+                                        "eight", "nine", "ten")[n - 1] + ".")
+
+
+async def test_tool_answer_with_an_error_result_is_the_generic_clip() -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        await recv_until(ws, "reply.done")
+        result = '{"error":"min must not be greater than max"}'
+        event = {"type": "tool.result", "call_id": events[-1]["call_id"], "result": result, "is_error": True}
+        await send(ws, event)
+        answer = await recv_until(ws, "reply.done")
+    audio = b"".join(base64.b64decode(e["data"]) for e in answer if e["type"] == "reply.audio")
+    assert audio.endswith((REPO / "tools" / "audio" / "found.ulaw").read_bytes())
+    assert [e["text"] for e in answer if e["type"] == "transcript.agent"] == [FOUND_TEXT]
 
 
 async def test_scripted_tool_call_and_legacy_args_key() -> None:

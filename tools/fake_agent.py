@@ -67,6 +67,11 @@ WS_PATHS = ("/v1/ws", "/v1/realtime")
 DEFAULT_CALLER_TEXT = "Hi, can you pick a random number between one and ten?"
 DEFAULT_REPLY_TEXT = "Sure. Your random number is seven."
 APOLOGY_TEXT = "Sorry, that is taking longer than expected. Is there anything else I can do?"
+#: The answer after a tool result: tools/audio/number_<n>.ulaw says "... is <word>." for
+#: n in 1..10 (what generate_random_number returns in the demo); anything else gets FOUND_TEXT.
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+NUMBER_TEXT = "Sure. Your random number is {word}."
+FOUND_TEXT = "Here is what I found."
 
 # A client gets this long to finish the HTTP upgrade; mirrors trio-websocket's default.
 _CONNECT_TIMEOUT_S = 60.0
@@ -254,6 +259,24 @@ class _Outbox:
         await trio.lowlevel.checkpoint()
         while len(self._items) >= self._high_water:
             await self._room_lot.park()
+
+
+def tool_answer(result: str) -> tuple[str, str]:
+    """What the fake says after a ``tool.result``: ``(text, clip name in tools/audio)``.
+
+    `result` is the JSON string the client sent. ``{"result": n, ...}`` (or a bare ``n``) with
+    an int n in 1..10 gives the clip that says that number; anything else (an error, another
+    shape, not JSON) gives the generic "Here is what I found." Pure.
+    """
+    try:
+        value = orjson.loads(result)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        value = value.get("result")
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= len(NUMBER_WORDS):
+        return NUMBER_TEXT.format(word=NUMBER_WORDS[value - 1]), f"number_{value}"
+    return FOUND_TEXT, "found"
 
 
 def _new_id(prefix: str, nbytes: int = 16) -> str:
@@ -1041,7 +1064,15 @@ class _Connection:
 
     def _answer_tool(self, call_id: str) -> None:
         pending = self._session().pending_calls.pop(call_id)
-        self._queue(_ReplyJob(self.cfg.reply_text, pending.answer_audio or self.agent.reply_audio))
+        if pending.answer_audio is not None or self.cfg.reply_audio is not None:
+            # A clip the test chose: it knows what it says.
+            audio = pending.answer_audio or self.agent.reply_audio
+            self._queue(_ReplyJob(self.cfg.reply_text, audio))
+            return
+        # The answer agrees with the result, as the live model's would (issue 12 #4).
+        assert pending.result is not None
+        text, clip = tool_answer(pending.result)
+        self._queue(_ReplyJob(text, self.agent.clip(clip)))
 
     def end_from_server(self) -> None:
         """``session.ended`` then close 1000, as on a clean server-side end."""
@@ -1100,6 +1131,7 @@ class FakeAgent:
         self._ready_lot = trio.lowlevel.ParkingLot()
         self._greeting_audio = self.config.greeting_audio
         self._reply_audio = self.config.reply_audio
+        self._clips: dict[str, bytes] = {}
 
     @property
     def greeting_audio(self) -> bytes:
@@ -1114,6 +1146,16 @@ class FakeAgent:
         if self._reply_audio is None:
             self._reply_audio = (AUDIO_DIR / "reply.ulaw").read_bytes()
         return self._reply_audio
+
+    def clip(self, name: str) -> bytes:
+        """The clip tools/audio/<name>.ulaw (8 kHz mu-law), read once and kept.
+
+        Raises FileNotFoundError for an unknown name.
+        """
+        audio = self._clips.get(name)
+        if audio is None:
+            audio = self._clips[name] = (AUDIO_DIR / f"{name}.ulaw").read_bytes()
+        return audio
 
     async def serve(
         self,

@@ -23,5 +23,12 @@ make_clip() {
 make_clip greeting en-us   "Hi, thanks for calling. How can I help?"
 make_clip reply    en-us   "Sure. Your random number is seven."
 make_clip goodbye  en-us   "Thanks for calling, goodbye!"
+# The answer after a tool result: one clip per number generate_random_number can return
+# (1-10), so what the caller hears agrees with the result; "found" for any other result.
+numbers=(one two three four five six seven eight nine ten)
+for i in "${!numbers[@]}"; do
+  make_clip "number_$((i + 1))" en-us "Sure. Your random number is ${numbers[$i]}."
+done
+make_clip found    en-us   "Here is what I found."
 # A different voice for the caller, so demo recordings tell the two sides apart.
 make_clip caller   en-us+m3 "Hi, can you pick a random number between one and ten?"
