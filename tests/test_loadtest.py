@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from tools import loadtest as lt
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def test_percentile_nearest_rank() -> None:
@@ -186,4 +189,9 @@ def test_quick_real_run(tmp_path: Path) -> None:
     assert level["to_agent"]["received"] > 150 and level["to_twilio"]["received"] > 150
     assert level["to_agent"]["corrupt"] == 0 and level["to_twilio"]["corrupt"] == 0
     assert level["clear"]["clears"] >= 1 and level["clear"]["missing"] == 0
+    # the plot next to the JSON: well-formed, the run's one server, its one level on both panels
+    svg = ET.fromstring(out.with_suffix(".svg").read_text())
+    lines = {(el.get("class"), el.get("data-server")): el.get("points") for el in svg.iter(f"{SVG}polyline")}
+    assert set(lines) == {("cpu", "bridge"), ("p99", "bridge")}
+    assert all(len((points or "").split()) == 1 for points in lines.values())
     assert sys.executable  # the server ran under this interpreter

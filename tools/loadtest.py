@@ -19,7 +19,8 @@ generator to different cores when there are two, and measures:
   calls ended; the generator's own CPU and event-loop delay (a saturated generator is flagged);
 - the highest level held with zero loss and p99 <= 20 ms both ways.
 
-Writes ``bench-results/bench-<stamp>.json`` (+ ``.md`` with the table) and prints the table.
+Writes ``bench-results/bench-<stamp>.json`` (+ ``.md`` with the table, + ``.svg``: CPU and p99
+against calls, every server on the same axes, see ``tools/benchplot.py``) and prints the table.
 See BENCHMARKS.md for the method and the results.
 """
 
@@ -46,6 +47,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tools import benchplot
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN_DIR = ROOT / "tools" / "loadgen"
@@ -992,6 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if profile_text:
             md_text += "\n```\n" + profile_text + "\n```\n"
         out.with_suffix(".md").write_text(md_text)
+        out.with_suffix(".svg").write_text(benchplot.render_svg(results))
         print()
         print(f"median of {args.runs} run(s):")
         print(format_table(rows))
@@ -1001,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, t in targets.items():
                 verdict = "-" if t["met"] is None else ("met" if t["met"] else "NOT met")
                 print(f"  target {name}: {t['value']} (target {t['target']}): {verdict}")
-        print(f"results: {out} (+ {out.with_suffix('.md').name})")
+        print(f"results: {out} (+ {out.with_suffix('.md').name}, {out.with_suffix('.svg').name})")
     return 0
 
 
