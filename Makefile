@@ -6,11 +6,19 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: run test lint typecheck unit outbound demo bench clean
 
+# Says what it does (the first run takes ~30 s): one line, then a dot per line pip prints; pip's
+# whole output goes to $(VENV)/install.log and its end is shown if pip fails. Later runs skip it.
 $(STAMP): pyproject.toml
+	@if test -x $(BIN)/python; then echo "updating $(VENV): installing the packages pyproject.toml pins now ..."; \
+	else echo "setting up $(VENV): installing the pinned packages (first run only, ~30 s) ..."; fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-	@rm -f $(VENV)/.installed-* && touch $@
+	@{ $(BIN)/python -m pip install --disable-pip-version-check --progress-bar off --upgrade pip && \
+	   $(BIN)/python -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'; \
+	   echo $$? >$(VENV)/install.rc; } 2>&1 | tee $(VENV)/install.log | { while IFS= read -r line; do printf .; done; echo; }
+	@test "$$(cat $(VENV)/install.rc)" = 0 || { echo "pip failed; the end of $(VENV)/install.log:"; \
+	  tail -n 30 $(VENV)/install.log; exit 1; }
+	@rm -f $(VENV)/.installed-* $(VENV)/install.rc && touch $@
+	@echo "$(VENV) is ready (pip's log: $(VENV)/install.log)"
 
 run: $(STAMP)  ## start the bridge (reads the environment and an optional .env)
 	@$(BIN)/python -m bridge serve
