@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -220,3 +221,12 @@ def test_cli_replots_a_results_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert bp.main([str(tmp_path / "bad.json")]) == 2
     assert bp.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_plots_embedded_in_benchmarks_md_exist_and_are_benchplot_svgs() -> None:
+    """An image BENCHMARKS.md embeds is tracked, well-formed, and has both panels' lines."""
+    text = re.sub(r"<!--.*?-->", "", (ROOT / "BENCHMARKS.md").read_text(), flags=re.S)  # not rendered
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+\.svg)\)", text)
+    for path in embedded:
+        root = _parse((ROOT / path).read_text())
+        assert _polylines(root, "cpu") and _polylines(root, "p99"), path
