@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     if command == "call":
-        from bridge.dial import main as dial
+        from bridge.phone.outbound import main as dial
 
         return dial(args)
     if command not in ("serve", "check"):

@@ -1,6 +1,6 @@
 """Serving: the front door on the public port, Hypercorn behind it, signal handling and drain.
 
-The front door (``bridge/front.py``) accepts every connection on the public port (or the socket
+The front door (``bridge/net/front.py``) accepts every connection on the public port (or the socket
 a WORKERS parent passed down). Media Streams upgrades run there; everything else is handed to
 Hypercorn + Quart-Trio on a private unix socket in a 0700 temporary directory.
 
@@ -26,7 +26,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from bridge.config import Settings
-from bridge.front import FrontDoor
+from bridge.net.front import FrontDoor
 from bridge.web import BridgeApp
 
 log = logging.getLogger("bridge.server")

@@ -2,8 +2,8 @@
 
 import orjson
 
+from bridge.agent.builtin_tools import call_control_definitions
 from bridge.agent.tools import load_tools
-from bridge.builtin_tools import call_control_definitions
 from bridge.call.context import CallContext
 from bridge.call.persona import load_session_hook, resolve_session
 from bridge.config import Persona

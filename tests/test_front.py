@@ -1,4 +1,4 @@
-"""The front door (bridge/front.py): request-head parsing and routing (pure), and real
+"""The front door (bridge/net/front.py): request-head parsing and routing (pure), and real
 connections through ``serve``: webhooks spliced to Hypercorn byte for byte, hostile heads, and the
 Media Streams upgrade served by trio-websocket. Also the Hypercorn route for an upgrade that
 reaches Hypercorn anyway."""
@@ -14,11 +14,11 @@ import pytest
 import trio
 from hypercorn.trio import serve as hypercorn_serve
 
-from bridge import front
-from bridge.front import Replay, parse_head, wants_media_stream
+from bridge.net import front
+from bridge.net.front import Replay, parse_head, wants_media_stream
+from bridge.net.websocket import LeanWebSocketConnection
 from bridge.phone.stream import WsPhoneSocket
 from bridge.server import hypercorn_config
-from bridge.wsconn import LeanWebSocketConnection
 from tests.harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, running_bridge
 from tools.fake_twilio import CallPlan, FakeTwilio
 

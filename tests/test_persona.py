@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from bridge.agent.builtin_tools import call_control_definitions
 from bridge.agent.events import SessionConfig
 from bridge.agent.tools import Tool, ToolRegistry
-from bridge.builtin_tools import call_control_definitions
 from bridge.call.context import CallContext
 from bridge.call.persona import PersonaOverride, SessionHook, load_session_hook, resolve_session
 from bridge.config import Persona

@@ -17,8 +17,8 @@ import trio_websocket
 
 from bridge.agent.connection import AgentEndpoint, open_agent_socket
 from bridge.errors import UpstreamError
-from bridge.tcp import DirectSocketStream
-from bridge.wsconn import LeanWebSocketConnection
+from bridge.net.tcp import DirectSocketStream
+from bridge.net.websocket import LeanWebSocketConnection
 from tests.test_deploy import make_cert
 
 

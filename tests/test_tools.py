@@ -19,6 +19,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.agent.builtin_tools import call_control_definitions, generate_random_number
 from bridge.agent.tools import (
     Tool,
     ToolArgumentError,
@@ -30,7 +31,6 @@ from bridge.agent.tools import (
     tool,
     tool_of,
 )
-from bridge.builtin_tools import call_control_definitions, generate_random_number
 from bridge.call.context import CallContext
 from bridge.errors import BridgeError, ConfigError
 
@@ -742,7 +742,7 @@ def test_load_tools_duplicate_name_names_both_modules(tmp_path: Path, monkeypatc
             return 4
         ''',
     )
-    with pytest.raises(ConfigError, match=r"already defined in module 'bridge\.builtin_tools'"):
+    with pytest.raises(ConfigError, match=r"already defined in module 'bridge\.agent\.builtin_tools'"):
         load_tools(clash)
     assert load_tools(clash, include_builtins=False).names() == ["generate_random_number"]
 

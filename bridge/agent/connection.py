@@ -18,8 +18,8 @@ import trio_websocket
 from trio_websocket import ConnectionClosed
 
 from bridge.errors import UpstreamError
-from bridge.tcp import DirectSocketStream
-from bridge.wsconn import wrap_client
+from bridge.net.tcp import DirectSocketStream
+from bridge.net.websocket import wrap_client
 
 log = logging.getLogger("bridge.agent")
 

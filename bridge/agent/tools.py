@@ -426,7 +426,7 @@ def _one_line(exc: BaseException) -> str:
 def load_tools(modules: str | None, *, include_builtins: bool = True) -> ToolRegistry:
     """Import each comma-separated module of ``BRIDGE_TOOLS`` and register its decorated tools.
 
-    The built-in example tools (:mod:`bridge.builtin_tools`) come first when
+    The built-in example tools (:mod:`bridge.agent.builtin_tools`) come first when
     ``include_builtins``. Raises :class:`ConfigError` (one line naming ``BRIDGE_TOOLS``, the
     module and the cause) when a module cannot be imported, a tool definition is invalid, or two
     tools share a name.
@@ -434,7 +434,7 @@ def load_tools(modules: str | None, *, include_builtins: bool = True) -> ToolReg
     registry = ToolRegistry()
     paths = [m.strip() for m in (modules or "").split(",") if m.strip()]
     if include_builtins:
-        paths.insert(0, "bridge.builtin_tools")
+        paths.insert(0, "bridge.agent.builtin_tools")
     origin: dict[str, str] = {}
     for path in paths:
         try:
@@ -442,7 +442,7 @@ def load_tools(modules: str | None, *, include_builtins: bool = True) -> ToolReg
         except Exception as exc:
             raise ConfigError(f"BRIDGE_TOOLS: cannot import module '{path}': {_one_line(exc)}") from exc
         found = [t for t in map(tool_of, vars(module).values()) if t is not None]
-        if not found and path != "bridge.builtin_tools":
+        if not found and path != "bridge.agent.builtin_tools":
             log.warning("BRIDGE_TOOLS: module '%s' defines no @tool functions", path)
         for t in found:
             if t.name in RESERVED_NAMES:

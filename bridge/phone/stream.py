@@ -1,6 +1,6 @@
 """Where a Twilio frame enters and leaves: the ``/media-stream/<token>`` WebSocket.
 
-New connections reach it through the front door (``bridge/front.py``), which hands a
+New connections reach it through the front door (``bridge/net/front.py``), which hands a
 ``/media-stream/`` upgrade to trio-websocket: :class:`WsPhoneSocket`. Hypercorn's per-message
 layers (read timeout scope, h11/wsproto wrappers, the app queue, a shielded send under a lock)
 are then off the path of every frame (BENCHMARKS.md). An upgrade that reaches Hypercorn anyway

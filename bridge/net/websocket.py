@@ -7,7 +7,7 @@ checkpoint after an uncontended acquire). :class:`LeanWebSocketConnection` takes
 in those two places when nothing waits and runs trio-websocket's own code otherwise (a full
 queue, a held lock, a message in parts or too big). Every task still yields where it blocks: the
 reader at each socket read, a writer on its empty channel. Its framing is
-:class:`bridge.wsframing.FastFraming` over wsproto. BENCHMARKS.md has what each bought.
+:class:`bridge.net.framing.FastFraming` over wsproto. BENCHMARKS.md has what each bought.
 
 The connection is built as ``wrap_client_stream``/``wrap_server_stream`` build theirs
 (trio-websocket 0.12, pinned; ``tests/test_wsconn.py`` runs both against trio-websocket's own).
@@ -23,7 +23,7 @@ from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, Event, TextMessage
 
-from bridge.wsframing import FastFraming
+from bridge.net.framing import FastFraming
 
 
 class LeanWebSocketConnection(trio_websocket.WebSocketConnection):

@@ -1,4 +1,4 @@
-"""``python -m bridge call`` (bridge.dial.main) against the fake Twilio REST API.
+"""``python -m bridge call`` (bridge.phone.outbound.main) against the fake Twilio REST API.
 
 ``main`` runs its own ``trio.run``, so the async tests (which serve the fake) call it in a
 thread; the tests that fail before any request are plain functions.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from bridge.dial import main
+from bridge.phone.outbound import main
 from bridge.phone.rest import TrioHttpClient
 from tools.fake_twilio_rest import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioRest
 
@@ -297,7 +297,7 @@ async def test_unreachable_api(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_call_command_does_not_import_the_server() -> None:
     code = (
-        "import sys, bridge.dial; "
+        "import sys, bridge.phone.outbound; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('quart', 'quart_trio', 'hypercorn') "
         "or m == 'bridge.web' or m == 'bridge.server']; print(bad)"
     )

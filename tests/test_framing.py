@@ -29,8 +29,8 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import XorMaskerSimple
 
-from bridge import wsframing
-from bridge.wsframing import FastFraming, frame_text, unmask
+from bridge.net import framing as wsframing
+from bridge.net.framing import FastFraming, frame_text, unmask
 
 LIMIT = 4096
 

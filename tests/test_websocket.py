@@ -1,4 +1,4 @@
-"""LeanWebSocketConnection (bridge/wsconn.py) on real loopback sockets, against trio-websocket's own
+"""LeanWebSocketConnection (bridge/net/websocket.py) on real loopback sockets, against trio-websocket's own
 connection on the other end: same messages, same closes, nothing lost when a queue is full or
 several tasks send at once, and fewer scheduler steps per message (a count, not a timing)."""
 
@@ -12,8 +12,8 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
-from bridge.tcp import DirectSocketStream
-from bridge.wsconn import LeanWebSocketConnection, wrap_client, wrap_server
+from bridge.net.tcp import DirectSocketStream
+from bridge.net.websocket import LeanWebSocketConnection, wrap_client, wrap_server
 from tests.test_tcp import tcp_pair
 
 MESSAGES: list[str | bytes] = ["", "a", "x" * 125, "y" * 126, "é☎" * 300, "z" * 70_000, b"\x00\xff" * 10, "last"]

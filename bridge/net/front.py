@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed
 
+from bridge.net.tcp import DirectSocketStream
+from bridge.net.websocket import wrap_server
 from bridge.observe import release_free_memory
 from bridge.phone.stream import STREAM_PREFIX, WsPhoneSocket, refusal
-from bridge.tcp import DirectSocketStream
 from bridge.web import BridgeApp
-from bridge.wsconn import wrap_server
 
-log = logging.getLogger("bridge.front")
+log = logging.getLogger("bridge.net.front")
 
 HEAD_LIMIT = 16 * 1024  # as h11's default: Twilio's upgrade head is about 1 KB
 HEAD_DEADLINE_S = 10.0  # for the whole request head; a slower client goes to Hypercorn as is

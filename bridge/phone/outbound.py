@@ -75,7 +75,7 @@ def main(
 
     Args:
         argv: the arguments after ``call`` (default: ``sys.argv[1:]``, right for
-            ``python -m bridge.dial``; ``python -m bridge call`` must pass ``sys.argv[2:]``).
+            ``python -m bridge.phone.outbound``; ``python -m bridge call`` must pass ``sys.argv[2:]``).
         environ: the variables to use (default: ``os.environ`` over an optional ``.env``).
         http_client: the HTTP client for Twilio (tests point it at a fake API); this command
             takes ownership of it and closes it once the call was attempted.
