@@ -21,9 +21,10 @@ PURE_MODULES = [
     "bridge.call.registry",
     "bridge.call.context",
     "bridge.call.actions",
+    "bridge.call.policy",
     "bridge.agent.schema",
     "bridge.wire",
-    "bridge.wsframing",
+    "bridge.net.framing",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

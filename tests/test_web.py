@@ -100,11 +100,11 @@ def test_json_logs_carry_the_call_ids(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 async def test_memory_is_handed_back_when_the_last_call_ends(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bridge.web
+    import bridge.web.app
 
     released: list[int] = []
     async with running_bridge(agent_config=FakeAgentConfig(api_key=API_KEY, vad=False)) as bridge_:
-        monkeypatch.setattr(bridge.web, "release_free_memory", lambda: released.append(bridge_.app.active_calls))
+        monkeypatch.setattr(bridge.web.app, "release_free_memory", lambda: released.append(bridge_.app.active_calls))
         async with trio.open_nursery() as nursery:
             for _ in range(2):
                 nursery.start_soon(bridge_.twilio.call, CallPlan(speed=10.0, hangup_after_s=2.0))

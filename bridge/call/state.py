@@ -29,7 +29,6 @@ import orjson
 from bridge.agent import events as ag
 from bridge.call.actions import (
     Action,
-    CallPolicy,
     CallStats,
     ConnectAgent,
     EndCall,
@@ -41,6 +40,7 @@ from bridge.call.actions import (
     SendPhone,
     Transfer,
 )
+from bridge.call.policy import CallPolicy
 from bridge.phone import media as tw
 
 END_CALL_TOOL = "end_call"

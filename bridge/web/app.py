@@ -1,31 +1,25 @@
-"""The application: Quart-Trio webhooks, and admission of Media Streams calls.
+"""The application object: its collaborators, admission of Media Streams calls, the live calls.
 
-Routes: ``POST /twiml``, ``POST /outbound-twiml``, ``POST /call-status``, ``POST /stream-status``,
-``GET /healthz``, ``GET /metrics``, ``WS /media-stream/<token>``. Thin: each validates (signature
-against the configured public URL, never the Host header) and hands off. A stream normally arrives
-through the front door (``bridge/front.py``), which calls :meth:`BridgeApp.admit_stream` and
-:meth:`BridgeApp.run_call`; the ASGI route does the same for an upgrade that reaches Hypercorn.
+The webhooks are in ``bridge/web/webhooks.py``. A stream normally arrives through the front door
+(``bridge/net/front.py``), which calls :meth:`BridgeApp.admit_stream` and :meth:`BridgeApp.run_call`;
+the ASGI route does the same for an upgrade that reaches Hypercorn.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import trio
-from quart import Response, request
-from quart_trio import QuartTrio
 
 from bridge.agent import events as ag
+from bridge.agent.builtin_tools import call_control_definitions
 from bridge.agent.connection import AgentEndpoint, open_agent_socket
 from bridge.agent.tools import ToolRegistry, load_tools
-from bridge.builtin_tools import call_control_definitions
 from bridge.call.context import CallContext
 from bridge.call.persona import SessionHook, load_session_hook, resolve_session
 from bridge.call.registry import CallRegistry
@@ -33,21 +27,11 @@ from bridge.call.session import AgentConnector, CallControl, CallSession, CallSe
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
 from bridge.observe import Metrics, release_free_memory
-from bridge.phone import twiml
-from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token, mint_token
+from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token
 from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
+from bridge.web.webhooks import CallOutcomeRecord, build_quart
 
 log = logging.getLogger("bridge.web")
-
-_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
-_MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook bodies are ~1-2 KB
-_CLOSE = {"Connection": "close"}  # we did not read the body: the connection cannot be reused
-_CALL_STATUS_LOG = {
-    "busy": logging.WARNING,
-    "failed": logging.WARNING,
-    "no-answer": logging.WARNING,
-    "canceled": logging.WARNING,
-}
 
 
 @dataclass
@@ -61,15 +45,6 @@ class Collaborators:
     wall_clock: Callable[[], float] = time.time
 
 
-@dataclass
-class CallOutcomeRecord:
-    call_sid: str
-    status: str
-    duration_s: str | None = None
-    sip_code: str | None = None
-    direction: str | None = None
-
-
 class BridgeApp:
     """The ASGI application: the media-stream WebSocket goes to the raw handler, the rest to Quart."""
 
@@ -81,7 +56,7 @@ class BridgeApp:
         self.tokens = TokenLedger()
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
         self.call_outcomes: dict[str, CallOutcomeRecord] = {}
-        self.quart = _build_quart(self)
+        self.quart = build_quart(self)
         self._sessions: dict[str, CallSession] = {}
         self.idle = trio.Event()
         self.idle.set()
@@ -210,129 +185,6 @@ class BridgeApp:
             control=self.deps.control,
             metrics=self.metrics,
         )
-
-    # --- webhooks -----------------------------------------------------------------------------
-
-    async def verified_form(self, route: str) -> tuple[dict[str, str], Response | None]:
-        """The webhook's form, or a 4xx response if it is too big or not signed by Twilio."""
-        if (request.content_length or 0) > _MAX_FORM_BYTES:
-            self.metrics.webhooks.labels(route, "too_large").inc()
-            return {}, Response("Request too large\n", status=413, mimetype="text/plain", headers=_CLOSE)
-        try:
-            form = await request.form
-        except Exception:
-            self.metrics.webhooks.labels(route, "bad_request").inc()
-            return {}, Response("Unreadable form body\n", status=400, mimetype="text/plain", headers=_CLOSE)
-        if self.signatures is not None:
-            query = request.query_string.decode("latin-1")
-            url = self.settings.public.http_url(request.path + (f"?{query}" if query else ""))
-            if not self.signatures.valid(url, form, request.headers.get("X-Twilio-Signature")):
-                self.metrics.webhooks.labels(route, "forbidden").inc()
-                log.warning("refused %s: missing or invalid X-Twilio-Signature", route)
-                return {}, Response("Forbidden\n", status=403, mimetype="text/plain")
-        self.metrics.webhooks.labels(route, "ok").inc()
-        return {k: form.get(k, "") for k in form}, None
-
-    def stream_twiml(self, form: dict[str, str], direction: Literal["inbound", "outbound"]) -> Response:
-        s = self.settings
-        call_sid = form.get("CallSid", "")
-        now = self.deps.wall_clock()
-        if not _CALL_SID.fullmatch(call_sid):  # match() + $ would accept a trailing newline
-            return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
-        token = mint_token(s.stream_token_secret, call_sid, direction, now=now, ttl_s=s.stream_token_ttl_s)
-        if not self.calls.reserve(token, expires_at=now + s.stream_token_ttl_s, now=now):
-            log.warning("call %s refused: %s", call_sid, "draining" if self.calls.draining else "at capacity")
-            return _xml(twiml.say_and_hang_up(s.busy_message))
-        params = {"CallSid": call_sid, "From": form.get("From", ""), "To": form.get("To", ""), "Direction": direction}
-        document = twiml.connect_stream(
-            s.public.ws_url(STREAM_PREFIX + token),
-            parameters=params,
-            status_callback=s.public.http_url("/stream-status"),
-            fallback_message=s.fallback_message,
-            fallback_twiml_url=s.fallback_twiml_url,
-            fallback_number=s.fallback_number,
-        )
-        log.info("%s call %s from %s to %s: streaming", direction, call_sid, form.get("From", "?"), form.get("To", "?"))
-        return _xml(document)
-
-
-def _xml(document: str) -> Response:
-    return Response(document, status=200, mimetype="text/xml")
-
-
-def _build_quart(app: BridgeApp) -> QuartTrio:
-    quart = QuartTrio("bridge")
-    quart.config["MAX_CONTENT_LENGTH"] = _MAX_FORM_BYTES
-
-    @quart.post("/twiml")
-    async def inbound_twiml() -> Response:
-        form, refusal = await app.verified_form("/twiml")
-        return refusal or app.stream_twiml(form, "inbound")
-
-    @quart.post("/outbound-twiml")
-    async def outbound_twiml() -> Response:
-        form, refusal = await app.verified_form("/outbound-twiml")
-        return refusal or app.stream_twiml(form, "outbound")
-
-    @quart.post("/call-status")
-    async def call_status() -> Response:
-        form, refusal = await app.verified_form("/call-status")
-        if refusal:
-            return refusal
-        record = CallOutcomeRecord(
-            call_sid=form.get("CallSid", "")[:64],
-            status=form.get("CallStatus", "")[:32],
-            duration_s=form.get("CallDuration") or None,
-            sip_code=form.get("SipResponseCode") or None,
-            direction=form.get("Direction") or None,
-        )
-        if record.call_sid:
-            if len(app.call_outcomes) > 10_000:
-                app.call_outcomes.pop(next(iter(app.call_outcomes)))
-            app.call_outcomes[record.call_sid] = record
-        event = form.get("StatusCallbackEvent") or record.status
-        level = _CALL_STATUS_LOG.get(record.status, logging.INFO)
-        extra = "".join(f" {k}={v}" for k, v in (("duration", record.duration_s), ("sip", record.sip_code)) if v)
-        hint = " (the callee did not pick up)" if record.status in ("busy", "no-answer") else ""
-        log.log(level, "call %s status %s (event %s)%s%s", record.call_sid, record.status, event, extra, hint)
-        return Response("", status=204)
-
-    @quart.post("/stream-status")
-    async def stream_status() -> Response:
-        form, refusal = await app.verified_form("/stream-status")
-        if refusal:
-            return refusal
-        event = form.get("StreamEvent", "")
-        level = logging.WARNING if event == "stream-error" else logging.INFO
-        error = form.get("StreamError", "")
-        log.log(level, "call %s stream %s%s", form.get("CallSid", "?"), event or "?", f": {error}" if error else "")
-        return Response("", status=204)
-
-    @quart.get("/healthz")
-    async def healthz() -> Response:
-        if app.calls.draining:
-            return Response('{"status":"draining"}', status=503, mimetype="application/json")
-        body = f'{{"status":"ok","active_calls":{app.active_calls},"pid":{os.getpid()}}}'
-        return Response(body, status=200, mimetype="application/json")
-
-    @quart.get("/metrics")
-    async def metrics() -> Response:
-        return Response(app.metrics.render(), status=200, mimetype="text/plain; version=0.0.4")
-
-    @quart.errorhandler(404)
-    async def not_found(_: Exception) -> Response:
-        return Response("Not found\n", status=404, mimetype="text/plain")
-
-    @quart.errorhandler(405)
-    async def not_allowed(_: Exception) -> Response:
-        return Response("Method not allowed\n", status=405, mimetype="text/plain")
-
-    @quart.errorhandler(Exception)
-    async def internal(exc: Exception) -> Response:
-        log.exception("webhook failed: %s", type(exc).__name__)
-        return Response("Internal error\n", status=500, mimetype="text/plain")
-
-    return quart
 
 
 def default_collaborators(settings: Settings) -> Collaborators:
