@@ -25,6 +25,8 @@ PURE_MODULES = [
     "bridge.agent.schema",
     "bridge.wire",
     "bridge.net.framing",
+    "bridge.records.facts",
+    "bridge.records.record",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent
