@@ -202,6 +202,8 @@ def test_axis_helpers() -> None:
     assert bp.linear_ticks(175) == [0, 50, 100, 150, 200]
     assert bp.linear_ticks(100) == [0, 20, 40, 60, 80, 100]
     assert bp.linear_ticks(2) == [0, 0.5, 1, 1.5, 2]
+    assert bp.linear_ticks(2, min_step=1) == [0, 1, 2]
+    assert bp.layout_of(bp.series_of(_doc({"b": [_level(2, 1.0, 1.0, 1.0, True)]}))).x_ticks == (0, 1, 2)  # whole calls
     assert bp.log_bounds([3.0, 4.6], 20.0) == (1, 100)
     assert bp.log_bounds([0.04], 20.0) == (0.1, 100)  # never below 0.1 ms
     assert bp.log_ticks(1, 100) == [1, 2, 5, 10, 20, 50, 100]

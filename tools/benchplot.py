@@ -112,9 +112,9 @@ def nice_step(span: float, target_ticks: int = 5) -> float:
     return float(10 * mag)
 
 
-def linear_ticks(hi: float, target_ticks: int = 5) -> list[float]:
+def linear_ticks(hi: float, target_ticks: int = 5, min_step: float = 0.0) -> list[float]:
     """Ticks from 0 to the first step at or above ``hi`` (the axis ends on a tick)."""
-    step = nice_step(hi, target_ticks)
+    step = max(nice_step(hi, target_ticks), min_step)
     n = max(1, math.ceil(hi / step - 1e-9))
     return [round(i * step, 10) for i in range(n + 1)]
 
@@ -201,7 +201,7 @@ class Layout:
 
 def layout_of(series: Sequence[Series], target_ms: float = P99_TARGET_MS) -> Layout:
     points = [p for s in series for p in s.points]
-    x_ticks = linear_ticks(max([p.calls for p in points if p.calls > 0], default=100))
+    x_ticks = linear_ticks(max([p.calls for p in points if p.calls > 0], default=100), min_step=1)  # whole calls
     cpu_values = [p.cpu_pct for p in points if p.cpu_pct is not None]
     # always show the full core, with headroom so the one-core line is not the panel's border
     cpu_ticks = linear_ticks(1.1 * max([100.0, *cpu_values]), target_ticks=6)
