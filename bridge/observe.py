@@ -152,6 +152,36 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5),
             registry=r,
         )
+        # Call records (bridge/records): observed once per reply / per call, never per frame.
+        self.turn_response = Histogram(
+            "bridge_turn_response_seconds",
+            "From the caller's input.speech.stopped to the reply's first audio written to Twilio",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5),
+            registry=r,
+        )
+        self.record_first_audio = Histogram(
+            "bridge_first_audio_seconds",
+            "From stream start to the call's first agent audio written to Twilio (the greeting)",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=r,
+        )
+        self.replies_interrupted = Counter(
+            "bridge_replies_interrupted", "Agent replies the caller did not hear to the end", registry=r
+        )
+        self.agent_audio = Counter(
+            "bridge_agent_audio_seconds",
+            "Agent reply audio: said (forwarded to Twilio) vs heard (played, per echoed marks)",
+            ["kind"],
+            registry=r,
+        )
+        self.records_pending = Gauge("bridge_records_pending", "Finished call records not stored yet", registry=r)
+        self.records_dropped = Counter(
+            "bridge_records_dropped", "Call records dropped (the store was down or slow too long)", registry=r
+        )
+        self.records_store_up = Gauge("bridge_records_store_up", "1 when the last record write worked", registry=r)
+        self.record_webhooks = Counter(
+            "bridge_record_webhooks", "Post-call record webhook deliveries by result", ["result"], registry=r
+        )
         self._finished_frames: dict[tuple[str, str], int] = dict.fromkeys(_FRAME_FIELDS, 0)
         r.register(_FrameCollector(self))
 

@@ -162,7 +162,7 @@ class RecordBuilder:
         self.session_ids: list[str] = []
         self.errors: list[dict[str, Any]] = []
         self.turns: list[_AgentTurn | dict[str, Any]] = []
-        self._replies: dict[str, _AgentTurn] = {}
+        self.replies: dict[str, _AgentTurn] = {}
         self._last_reply: _AgentTurn | None = None
         self.tools: dict[str, _Tool] = {}
         self.dtmf: list[_Digit] = []
@@ -261,7 +261,7 @@ class RecordBuilder:
     def fact(self, fact: object) -> None:
         """A ``bridge.records.facts`` object; anything else is ignored."""
         if isinstance(fact, fx.MarkPlayed):
-            turn = self._replies.get(fact.reply_id)
+            turn = self.replies.get(fact.reply_id)
             if turn is None:
                 return
             turn.said_ms = max(turn.said_ms, fact.offset_ms)
@@ -340,13 +340,13 @@ class RecordBuilder:
         if any(t.finished_at is None for t in self.tools.values()):
             return "tool running"
         last = self._last_reply
-        if last is not None and not last.done:
+        if last is not None and not last.done and not last.interrupted:
             return "agent speaking" if self._caller_spoke else "greeting"
         return "listening"
 
     def last_turn(self) -> dict[str, Any] | None:
         """The newest turn as it appears in the record (for a live ``turn`` event)."""
-        return self._turn_json(self.turns[-1]) if self.turns else None
+        return self.turn_json(self.turns[-1]) if self.turns else None
 
     # --- output -------------------------------------------------------------------------------
 
@@ -364,10 +364,10 @@ class RecordBuilder:
             "call_sid": self.call_sid,
             "call_id": self.call_id,
             "direction": self.direction,
-            "from": self._party("From"),
-            "to": self._party("To"),
-            "started_at": iso(self._wall(start)),
-            "ended_at": iso(self._wall(end)) if end is not None else None,
+            "from": self.party("From"),
+            "to": self.party("To"),
+            "started_at": iso(self.wall(start)),
+            "ended_at": iso(self.wall(end)) if end is not None else None,
             "duration_s": round((end if end is not None else now) - start, 3),
             "outcome": self.outcome,
             "reason": self.reason,
@@ -377,10 +377,10 @@ class RecordBuilder:
             "upstream_open_s": round(upstream_s, 3),
             "frames": dict(frames or {}),
             "custom_parameters": params,
-            "turns": [self._turn_json(t) for t in self.turns],
-            "tools": [self._tool_json(t) for t in self.tools.values()],
-            "dtmf": [{"digit": MASK if d.sensitive else d.digit, "at": iso(self._wall(d.at))} for d in self.dtmf],
-            "errors": [{**e, "at": iso(self._wall(e["at"]))} for e in self.errors],
+            "turns": [self.turn_json(t) for t in self.turns],
+            "tools": [self.tool_json(t) for t in self.tools.values()],
+            "dtmf": [{"digit": MASK if d.sensitive else d.digit, "at": iso(self.wall(d.at))} for d in self.dtmf],
+            "errors": [{**e, "at": iso(self.wall(e["at"]))} for e in self.errors],
             "truncated": dict(self.truncated),
         }
         return record
@@ -404,10 +404,10 @@ class RecordBuilder:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _wall(self, at: float) -> float:
+    def wall(self, at: float) -> float:
         return self._origin_wall + (at - self._origin_mono)
 
-    def _party(self, name: str) -> str:
+    def party(self, name: str) -> str:
         value = self.custom_parameters.get(name, "")
         return mask(value) if value and name.lower() in self._redact else value
 
@@ -422,14 +422,14 @@ class RecordBuilder:
         return True
 
     def _reply(self, reply_id: str, now: float) -> _AgentTurn | None:
-        turn = self._replies.get(reply_id)
+        turn = self.replies.get(reply_id)
         if turn is None:
-            if len(self._replies) >= MAX_TURNS:
+            if len(self.replies) >= MAX_TURNS:
                 return None
             turn = _AgentTurn(reply_id, now)
             if not self._add_turn(turn):
                 return None
-            self._replies[reply_id] = turn
+            self.replies[reply_id] = turn
             self._last_reply = turn
         return turn
 
@@ -453,14 +453,14 @@ class RecordBuilder:
             return
         self.dtmf.append(_Digit(digit[:8], at, sensitive, from_phone=phone, from_fact=not phone))
 
-    def _turn_json(self, turn: _AgentTurn | dict[str, Any]) -> dict[str, Any]:
+    def turn_json(self, turn: _AgentTurn | dict[str, Any]) -> dict[str, Any]:
         if isinstance(turn, dict):
-            return {**turn, "started_at": iso(self._wall(turn["started_at"]))}
+            return {**turn, "started_at": iso(self.wall(turn["started_at"]))}
         heard_text, heard_ms = self.heard(turn)
         return {
             "speaker": "agent",
             "text": turn.said_text(),
-            "started_at": iso(self._wall(turn.started_at)),
+            "started_at": iso(self.wall(turn.started_at)),
             "reply_id": turn.reply_id,
             "heard_text": heard_text,
             "heard_ms": heard_ms,
@@ -470,7 +470,7 @@ class RecordBuilder:
             "first_audio_ms": turn.first_audio_ms,
         }
 
-    def _tool_json(self, tool: _Tool) -> dict[str, Any]:
+    def tool_json(self, tool: _Tool) -> dict[str, Any]:
         duration = _ms(tool.finished_at - tool.started_at) if tool.finished_at is not None else None
         return {
             "tool_call_id": tool.tool_call_id,
@@ -478,7 +478,7 @@ class RecordBuilder:
             "arguments": tool.arguments,
             "result": tool.result,
             "is_error": tool.is_error,
-            "started_at": iso(self._wall(tool.started_at)),
+            "started_at": iso(self.wall(tool.started_at)),
             "duration_ms": duration,
         }
 
