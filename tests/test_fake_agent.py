@@ -35,10 +35,21 @@ from tools.fake_agent import (
     FakeAgentConfig,
     FaultPlan,
     tool_answer,
+    word_timings,
 )
-from tools.fake_agent_audio import EnergyVad, VadEvent
+from tools.fake_agent_audio import (
+    PCMU,
+    EnergyVad,
+    VadEvent,
+    WordTiming,
+    mean_abs_level,
+    proportional_words,
+    speech_span_ms,
+    spoken_words,
+)
 
 REPO = Path(__file__).resolve().parents[1]
+WORDS: dict[str, Any] = orjson.loads((REPO / "tools" / "audio" / "words.json").read_bytes())
 CALLER_ULAW = (REPO / "tools" / "audio" / "caller.ulaw").read_bytes()
 GREETING_ULAW = (REPO / "tools" / "audio" / "greeting.ulaw").read_bytes()
 AUTH = [(b"Authorization", b"Bearer test-key")]
@@ -345,17 +356,27 @@ async def test_greeting_reply_with_leading_silence() -> None:
         session = await agent.wait_for_session()
     kinds = types(events)
     n_audio = math.ceil((1600 + len(GREETING_ULAW)) / 300)
-    assert kinds == ["reply.started"] + ["reply.audio"] * n_audio + ["transcript.agent", "reply.done"]
+    n_words = 8  # Hi, thanks for calling. How can I help?
+    assert kinds == (
+        ["reply.started"] + ["reply.audio"] * n_audio + ["transcript.agent.delta"] * n_words
+        + ["transcript.agent", "reply.done"]
+    )  # fmt: skip
     reply_id = events[0]["reply_id"]
     assert all(e["reply_id"] == reply_id for e in events)
-    chunks = [base64.b64decode(e["data"]) for e in events[1:-2]]
+    chunks = [base64.b64decode(e["data"]) for e in events[1 : 1 + n_audio]]
     assert chunks[0] == b"\xff" * 300
     assert b"".join(chunks) == b"\xff" * 1600 + GREETING_ULAW
     assert events[-2]["text"] == "Hi, thanks for calling. How can I help?"
     assert events[-2]["interrupted"] is False
     assert events[-1]["status"] == "completed"
-    assert session.audio_sent == [e["data"] for e in events[1:-2]]
+    assert session.audio_sent == [e["data"] for e in events[1 : 1 + n_audio]]
     assert session.replies_sent == [reply_id]
+    deltas = events[1 + n_audio : -2]
+    measured = WORDS["greeting"]["words"]  # espeak-ng's own word times, + 200 ms of silence
+    assert [(d["delta"], d["start_ms"], d["end_ms"]) for d in deltas] == [
+        (w, start + 200, end + 200) for w, start, end in measured
+    ]
+    assert all(d["item_id"] == events[-2]["item_id"] for d in deltas)
 
 
 async def test_greeting_is_converted_to_pcm_output() -> None:
@@ -365,7 +386,8 @@ async def test_greeting_is_converted_to_pcm_output() -> None:
         events = await recv_until(ws, "reply.done")
     audio = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "reply.audio")
     assert len(audio) == len(GREETING_ULAW) * 6  # 8 kHz mu-law -> 24 kHz 16-bit
-    assert {len(base64.b64decode(e["data"])) for e in events[1:-3]} == {480}
+    sizes = [len(base64.b64decode(e["data"])) for e in events if e["type"] == "reply.audio"]
+    assert set(sizes[:-1]) == {480}
 
 
 async def test_no_greeting_stays_silent(autojump_clock: Any) -> None:
@@ -466,6 +488,177 @@ async def test_interrupt_response_false_disables_barge_in(autojump_clock: Any) -
     assert types(events).count("input.speech.started") == 1
     assert events[-1]["status"] == "completed"
     assert events[-2]["interrupted"] is False
+
+
+# --- word timings (transcript.agent.delta) ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(WORDS))
+def test_measured_word_times_fit_each_clip(name: str) -> None:
+    """words.json (espeak-ng's word events, via make_clips.sh) against the committed clip."""
+    clip = (REPO / "tools" / "audio" / f"{name}.ulaw").read_bytes()
+    entry = WORDS[name]
+    words = [WordTiming(*w) for w in entry["words"]]
+    assert [w.word for w in words] == entry["text"].split()
+    assert word_timings(entry["text"], clip) == tuple(words)
+    assert words[0].start_ms >= 0 and words[-1].end_ms <= len(clip) // 8
+    for w, nxt in zip(words, [*words[1:], None], strict=True):
+        assert w.start_ms < w.end_ms and (nxt is None or w.end_ms <= nxt.start_ms)
+        assert mean_abs_level(clip[w.start_ms * 8 : w.end_ms * 8], PCMU) > 300  # speech inside
+    lo, hi = speech_span_ms(clip)
+    assert abs(lo - words[0].start_ms) <= 10 and abs(hi - words[-1].end_ms) <= 10
+
+
+@pytest.mark.parametrize("name", ["reply", "number_5", "caller"])
+def test_words_json_is_what_clip_words_measures_now(name: str, tmp_path: Path) -> None:
+    """words.json is not stale: espeak-ng (installed by .ci/run) measures the same times again."""
+    voice = "en-us+m3" if name == "caller" else "en-us"
+    wav = tmp_path / f"{name}.wav"
+    text = WORDS[name]["text"]
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(wav), text], check=True)
+    script = REPO / "tools" / "audio" / "clip_words.py"
+    out = subprocess.run([sys.executable, str(script), name, voice, text, str(wav)], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    assert orjson.loads(out) == {"name": name, **WORDS[name]}
+
+
+@pytest.mark.parametrize(
+    ("text", "silence_ms", "speech_ms", "expected"),
+    [
+        ("a bbb", 100, 400, [("a", 100, 200), ("bbb", 200, 500)]),
+        ("one", 0, 250, [("one", 0, 250)]),
+        ("xx yy", 50, 100, [("xx", 50, 100), ("yy", 100, 150)]),
+        ("", 100, 400, []),
+    ],
+)
+def test_proportional_words_split_the_speech_span_by_length(
+    text: str, silence_ms: int, speech_ms: int, expected: list[tuple[str, int, int]]
+) -> None:
+    ulaw = b"\xff" * (silence_ms * 8) + b"\x10" * (speech_ms * 8) + b"\xff" * 800
+    assert proportional_words(text, ulaw) == tuple(WordTiming(*e) for e in expected)
+
+
+def test_other_text_over_a_measured_clip_is_estimated() -> None:
+    lo, hi = speech_span_ms(GREETING_ULAW)
+    words = word_timings("Hello there", GREETING_ULAW)  # not the clip's own words
+    assert words == (WordTiming("Hello", lo, lo + (hi - lo) * 5 // 10), WordTiming("there", lo + (hi - lo) // 2, hi))
+
+
+def test_spoken_words_are_those_ending_within_the_audio_heard() -> None:
+    words = (WordTiming("a", 200, 400), WordTiming("b", 400, 700))
+    assert [spoken_words(words, ms) for ms in (0, 399, 400, 699, 700, 1e9)] == [
+        (), (), words[:1], words[:1], words, words
+    ]
+
+
+async def _default_reply(config: FakeAgentConfig) -> list[dict[str, Any]]:
+    agent = FakeAgent(config)
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        await agent.user_turn(session.session_id, "pick a number")
+        await recv_until(ws, "reply.started")
+        return await recv_until(ws, "reply.done")
+
+
+REPLY_WORDS = [(w, start + 200, end + 200) for w, start, end in WORDS["reply"]["words"]]
+
+
+async def test_word_deltas_after_the_audio_match_the_audio() -> None:
+    events = await _default_reply(FakeAgentConfig())
+    kinds = types(events)
+    first_delta = kinds.index("transcript.agent.delta")
+    assert set(kinds[:first_delta]) == {"reply.audio"}
+    assert kinds[first_delta:] == ["transcript.agent.delta"] * 6 + ["transcript.agent", "reply.done"]
+    deltas = events[first_delta:-2]
+    assert [(d["delta"], d["start_ms"], d["end_ms"]) for d in deltas] == REPLY_WORDS
+    assert " ".join(d["delta"] for d in deltas) == events[-2]["text"] == DEFAULT_REPLY_TEXT
+    reply_id, item_id = events[-1]["reply_id"], events[-2]["item_id"]
+    assert all((d["reply_id"], d["item_id"]) == (reply_id, item_id) for d in deltas)
+    assert all(type(d["start_ms"]) is int and type(d["end_ms"]) is int for d in deltas)
+    audio = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "reply.audio")
+    assert mean_abs_level(audio[: deltas[0]["start_ms"] * 8], PCMU) < 5  # before: (near) silence
+    for d in deltas:  # each word's span of the reply audio as sent holds speech
+        assert mean_abs_level(audio[d["start_ms"] * 8 : d["end_ms"] * 8], PCMU) > 300
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (FakeAgentConfig(word_deltas="off"), []),
+        (FakeAgentConfig(delta_leading_space=True),
+         [(w if i == 0 else " " + w, s, e) for i, (w, s, e) in enumerate(REPLY_WORDS)]),
+        (FakeAgentConfig(word_times_from="clip"), [(w, s - 200, e - 200) for w, s, e in REPLY_WORDS]),
+        (FakeAgentConfig(leading_silence_ms=500), [(w, s + 300, e + 300) for w, s, e in REPLY_WORDS]),
+        (FakeAgentConfig(leading_silence_ms=500, word_times_from="clip"),
+         [(w, s - 200, e - 200) for w, s, e in REPLY_WORDS]),
+    ],
+)  # fmt: skip
+async def test_word_delta_options(config: FakeAgentConfig, expected: list[tuple[str, int, int]]) -> None:
+    events = await _default_reply(config)
+    deltas = [e for e in events if e["type"] == "transcript.agent.delta"]
+    assert [(d["delta"], d["start_ms"], d["end_ms"]) for d in deltas] == expected
+    assert events[-2]["text"] == DEFAULT_REPLY_TEXT
+
+
+async def test_word_deltas_first_audio_come_right_after_the_first_chunk() -> None:
+    events = await _default_reply(FakeAgentConfig(word_deltas="first_audio"))
+    kinds = types(events)
+    assert kinds[:8] == ["reply.audio"] + ["transcript.agent.delta"] * 6 + ["reply.audio"]
+    assert kinds.count("transcript.agent.delta") == 6
+    assert kinds[-3:] == ["reply.audio", "transcript.agent", "reply.done"]
+
+
+async def test_silent_tool_preamble_has_no_word_deltas() -> None:
+    agent = FakeAgent(FakeAgentConfig(tool_on_turn={1: TOOL}))
+    async with connect(agent) as ws:
+        _, events = await _tool_preamble(ws, agent)
+        rest = await recv_until(ws, "reply.done")
+    assert types(rest) == ["reply.done"] and "transcript.agent.delta" not in types(events)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "text"),
+    [
+        # 37.5 ms chunks; "Sure." ends at 638 ms of reply audio, "Your" at 1160, "random" at 1559.
+        (1, ""),
+        (17, ""),  # 637.5 ms sent: "Sure." not yet wholly spoken
+        (18, "Sure."),  # 675 ms
+        (31, "Sure. Your"),  # 1162.5 ms
+        (41, "Sure. Your"),  # 1537.5 ms: "random" is cut
+        (42, "Sure. Your random"),  # 1575 ms
+    ],
+)
+async def test_barge_in_truncates_transcript_by_word_times(autojump_clock: Any, chunks: int, text: str) -> None:
+    agent = FakeAgent(FakeAgentConfig(speed=1.0))
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        await agent.user_turn(session.session_id, "pick a number")
+        await recv_until(ws, "reply.started")
+        for _ in range(chunks):
+            assert (await recv(ws))["type"] == "reply.audio"
+        await agent.barge_in(session.session_id)
+        burst = await recv_until(ws, "reply.done")
+    assert types(burst) == ["input.speech.started", "transcript.agent", "reply.done"]  # no deltas
+    assert (burst[1]["text"], burst[1]["interrupted"], burst[2]["status"]) == (text, True, "interrupted")
+
+
+async def test_barge_in_after_first_audio_deltas_keeps_them_and_truncates(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(speed=1.0, word_deltas="first_audio"))
+    async with connect(agent) as ws:
+        await start(ws)
+        session = await agent.wait_for_session()
+        await agent.user_turn(session.session_id, "pick a number")
+        await recv_until(ws, "reply.started")
+        events = [await recv(ws) for _ in range(1 + 6)]
+        await agent.barge_in(session.session_id)
+        burst = await recv_until(ws, "reply.done")
+    assert types(events) == ["reply.audio"] + ["transcript.agent.delta"] * 6
+    assert [e["type"] for e in burst if e["type"] != "reply.audio"] == [
+        "input.speech.started", "transcript.agent", "reply.done"
+    ]
+    assert burst[-2]["text"] == "" and burst[-2]["interrupted"] is True
 
 
 # --- tools ----------------------------------------------------------------------------------

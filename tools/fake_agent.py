@@ -15,6 +15,16 @@ Used three ways:
 - by the load benchmark: ``python -m tools.fake_agent --echo`` (every ``input.audio`` is echoed
   back at once as ``reply.audio`` with the identical base64 string).
 
+Word timings: every reply with audio and a transcript gets one ``transcript.agent.delta`` per
+word (``reply_id``, ``item_id``, ``delta``, int ``start_ms``/``end_ms`` in ms against the reply
+audio, its leading silence included), sent in one burst before ``transcript.agent``
+(``FakeAgentConfig.word_deltas`` moves or disables it). The times are measured, not guessed,
+for the tools/audio clips spoken with their own words: make_clips.sh asks libespeak-ng for the
+word events of the very synthesis the CLI writes (tools/audio/clip_words.py, words.json). Any
+other text or audio gets an estimate: the clip's speech span (after its leading silence) split
+across the words in proportion to their length in characters. A barge-in cuts
+``transcript.agent`` to the words that end within the reply audio sent so far, by the same times.
+
 Concurrency: one nursery per connection holding one reader, one writer (the only task that
 sends on the socket), one speaker (plays replies into the writer's outbox) and short-lived
 timers. Nothing outlives :meth:`FakeAgent.serve`; a dead client never crashes the server.
@@ -33,6 +43,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -47,9 +58,12 @@ from tools.fake_agent_audio import (
     SAMPLE_RATE_HZ,
     EnergyVad,
     VadEvent,
+    WordTiming,
     duration_ms,
     mean_abs_level,
+    proportional_words,
     reply_chunks_b64,
+    spoken_words,
 )
 
 logger = logging.getLogger("tools.fake_agent")
@@ -145,6 +159,15 @@ class FakeAgentConfig:
     tool_preamble_s: float = 0.0  # time between tool.call and the pre-amble's reply.done
     agent_ids: frozenset[str] = frozenset()  # stored agents that exist
     record_audio: bool = True  # keep input_audio/audio_sent (turn off for long benchmarks)
+    # transcript.agent.delta, one per word of every reply with audio and a transcript (see
+    # "Word timings" in the module docstring): "after_audio" = the burst after the last audio
+    # chunk, right before transcript.agent (reference §3 turn order); "first_audio" = the burst
+    # right after the first chunk (so interrupted replies have them too); "off" = none.
+    word_deltas: Literal["after_audio", "first_audio", "off"] = "after_audio"
+    delta_leading_space: bool = False  # True: every word but the first is sent as " word"
+    # start_ms/end_ms against the reply audio as sent (leading silence included), or against
+    # the clip (0 = the clip's first sample, as if the service did not count its silence).
+    word_times_from: Literal["reply_audio", "clip"] = "reply_audio"
     faults: FaultPlan = field(default_factory=FaultPlan)
 
 
@@ -199,6 +222,8 @@ class _Playing:
     text: str
     total_chunks: int
     call_id: str | None
+    words: tuple[WordTiming, ...] = ()  # against the reply audio (leading silence included)
+    chunk_ms: float = 0.0
     chunks_sent: int = 0
     interrupted: bool = False
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -277,6 +302,32 @@ def tool_answer(result: str) -> tuple[str, str]:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= len(NUMBER_WORDS):
         return NUMBER_TEXT.format(word=NUMBER_WORDS[value - 1]), f"number_{value}"
     return FOUND_TEXT, "found"
+
+
+@lru_cache(maxsize=1)
+def _measured_clips() -> dict[bytes, tuple[str, tuple[WordTiming, ...]]]:
+    """tools/audio clips by content -> (their text, their measured word timings), from
+    words.json (made by make_clips.sh). Read once per process; immutable afterwards."""
+    table = orjson.loads((AUDIO_DIR / "words.json").read_bytes())
+    return {
+        (AUDIO_DIR / f"{name}.ulaw").read_bytes(): (
+            entry["text"],
+            tuple(WordTiming(w, start, end) for w, start, end in entry["words"]),
+        )
+        for name, entry in table.items()
+    }
+
+
+def word_timings(text: str, ulaw: bytes) -> tuple[WordTiming, ...]:
+    """The words of `text` and when `ulaw` speaks them, in ms from the clip's first sample.
+
+    A tools/audio clip spoken with its own words has measured timings (espeak-ng's word
+    events); any other text or audio gets :func:`~tools.fake_agent_audio.proportional_words`.
+    """
+    measured = _measured_clips().get(ulaw)
+    if measured is not None and measured[0].split() == text.split():
+        return measured[1]
+    return proportional_words(text, ulaw)
 
 
 def _new_id(prefix: str, nbytes: int = 16) -> str:
@@ -562,13 +613,17 @@ class _Connection:
         encoding = session.config["output"]["format"]["encoding"]
         chunks: tuple[str, ...] = ()
         chunk_s = 0.0
+        words: tuple[WordTiming, ...] = ()
         if job.audio is not None:
             chunk_bytes = self.cfg.pcm_chunk_bytes if encoding == PCM else self.cfg.chunk_bytes
             chunks = reply_chunks_b64(job.audio, encoding, chunk_bytes, self.cfg.leading_silence_ms)
             chunk_s = duration_ms(chunk_bytes, encoding) / 1000.0
+            if job.show_transcript:
+                silence_ms = self.cfg.leading_silence_ms
+                words = tuple(w.shifted(silence_ms) for w in word_timings(job.text, job.audio))
         call_id = job.call[0] if job.call else None
         reply_id, item_id = _new_id("resp_", 12), _new_id("item_", 12)
-        playing = _Playing(reply_id, item_id, job.text, len(chunks), call_id)
+        playing = _Playing(reply_id, item_id, job.text, len(chunks), call_id, words, chunk_s * 1000)
         self.playing = playing
         session.replies_sent.append(playing.reply_id)
         self._emit("reply.started", reply_id=playing.reply_id, item_id=playing.item_id)
@@ -583,12 +638,16 @@ class _Connection:
                     await self.outbox.wait_room()
                 playing.chunks_sent += 1
                 self.outbox.put(_Frame(_audio_json(playing.reply_id, data), playing.reply_id, data))
+                if i == 0 and self.cfg.word_deltas == "first_audio":
+                    self._emit_word_deltas(playing)
             if job.call and self.cfg.tool_preamble_s:
                 await trio.sleep(self.cfg.tool_preamble_s)
         if self.playing is playing:
             self.playing = None
         if playing.interrupted:
             return
+        if self.cfg.word_deltas == "after_audio":
+            self._emit_word_deltas(playing)
         if job.show_transcript:
             self._emit(
                 "transcript.agent",
@@ -600,6 +659,19 @@ class _Connection:
         self._emit("reply.done", reply_id=playing.reply_id, status="completed")
         if call_id is not None:
             self._preamble_done(call_id)
+
+    def _emit_word_deltas(self, playing: _Playing) -> None:
+        # One burst, as live (reference §3): the writer sends queued frames back to back.
+        offset_ms = self.cfg.leading_silence_ms if self.cfg.word_times_from == "clip" else 0
+        for i, word in enumerate(playing.words):
+            self._emit(
+                "transcript.agent.delta",
+                reply_id=playing.reply_id,
+                item_id=playing.item_id,
+                delta=" " + word.word if self.cfg.delta_leading_space and i else word.word,
+                start_ms=word.start_ms - offset_ms,
+                end_ms=word.end_ms - offset_ms,
+            )
 
     async def _after_ready_fault(self, delay_s: float, action: str) -> None:
         await trio.sleep(delay_s)
@@ -1003,13 +1075,14 @@ class _Connection:
         playing.scope.cancel()
         self.playing = None
         self.outbox.purge_audio(playing.reply_id)
-        words = playing.text.split()
-        spoken = int(len(words) * playing.chunks_sent / max(playing.total_chunks, 1))
+        # What was spoken: the words that end within the reply audio sent so far, by the same
+        # timings as the word deltas.
+        heard = spoken_words(playing.words, playing.chunks_sent * playing.chunk_ms)
         self._emit(
             "transcript.agent",
             reply_id=playing.reply_id,
             item_id=playing.item_id,
-            text=" ".join(words[:spoken]),
+            text=" ".join(w.word for w in heard),
             interrupted=True,
         )
         self._emit("reply.done", reply_id=playing.reply_id, status="interrupted")

@@ -126,6 +126,58 @@ def reply_chunks_b64(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class WordTiming:
+    """One word of a reply and when it is spoken, in ms against the clip (or reply) audio."""
+
+    word: str
+    start_ms: int
+    end_ms: int
+
+    def shifted(self, offset_ms: int) -> WordTiming:
+        """The same word `offset_ms` later (the reply's leading silence)."""
+        return WordTiming(self.word, self.start_ms + offset_ms, self.end_ms + offset_ms)
+
+
+#: 10 ms analysis windows; a window counts as speech above this mean |sample| (16-bit). The
+#: clips' pauses are digital silence (0xFF), their speech is normalised to -3 dBFS.
+_SPAN_WINDOW_BYTES = 80
+_SPAN_LEVEL = 64.0
+
+
+def speech_span_ms(ulaw: bytes) -> tuple[int, int]:
+    """(first, last) ms of a mu-law clip that hold speech; (0, duration) if none is loud."""
+    windows = range(0, len(ulaw), _SPAN_WINDOW_BYTES)
+    loud = [i for i in windows if mean_abs_level(ulaw[i : i + _SPAN_WINDOW_BYTES], PCMU) > _SPAN_LEVEL]
+    if not loud:
+        return 0, len(ulaw) // 8
+    return loud[0] // 8, min(loud[-1] + _SPAN_WINDOW_BYTES, len(ulaw)) // 8
+
+
+def proportional_words(text: str, ulaw: bytes) -> tuple[WordTiming, ...]:
+    """Word timings for a clip whose own timings are unknown: the clip's speech span (after its
+    leading silence, before its trailing silence) split across the words of `text` in
+    proportion to their length in characters. An estimate, not a measurement: the tools/audio
+    clips carry measured timings (words.json); this is for any other audio a test passes."""
+    words = text.split()
+    if not words:
+        return ()
+    start_ms, end_ms = speech_span_ms(ulaw)
+    total = sum(len(w) for w in words)
+    out: list[WordTiming] = []
+    done = 0
+    for word in words:
+        lo = start_ms + (end_ms - start_ms) * done // total
+        done += len(word)
+        out.append(WordTiming(word, lo, start_ms + (end_ms - start_ms) * done // total))
+    return tuple(out)
+
+
+def spoken_words(words: tuple[WordTiming, ...], heard_ms: float) -> tuple[WordTiming, ...]:
+    """The words wholly inside the first `heard_ms` of the reply audio (barge-in truncation)."""
+    return tuple(w for w in words if w.end_ms <= heard_ms)
+
+
 class VadEvent(enum.Enum):
     """What the energy detector decided after a chunk."""
 

@@ -3,7 +3,9 @@
 #
 # Output: raw G.711 mu-law, 8000 Hz, mono, no header (byte-identical to what
 # Twilio Media Streams and the Voice Agent API exchange with `audio/pcmu`).
-# Needs espeak-ng and sox (apt-get install espeak-ng sox).
+# Also writes words.json: each clip's text and word timings (ms from the clip's first sample),
+# which clip_words.py gets from libespeak-ng's word events for the same synthesis.
+# Needs espeak-ng, sox and python3 (apt-get install espeak-ng sox).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,6 +19,7 @@ make_clip() {
   # -D: no dither, so reruns are byte-identical. -G: guard against clipping.
   # norm -3: comparable levels across clips.
   sox -D -G "$tmp/$name.wav" -r 8000 -c 1 -t raw -e mu-law "$here/$name.ulaw" norm -3
+  python3 "$here/clip_words.py" "$name" "$voice" "$text" "$tmp/$name.wav" >>"$tmp/words.jsonl"
   printf '%-14s %6d bytes  %s\n' "$name.ulaw" "$(stat -c %s "$here/$name.ulaw")" "$text"
 }
 
@@ -32,3 +35,4 @@ done
 make_clip found    en-us   "Here is what I found."
 # A different voice for the caller, so demo recordings tell the two sides apart.
 make_clip caller   en-us+m3 "Hi, can you pick a random number between one and ten?"
+python3 "$here/clip_words.py" --merge "$tmp/words.jsonl" >"$here/words.json"
