@@ -104,19 +104,21 @@ class Authority:
         then free every slot it held. Cancellation frees them too. Closes ``stream``."""
         outbox, pending = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self._outboxes[holder] = outbox
-        try:
-            async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(_write_all, stream, pending)
-                try:
-                    await self._read_all(holder, stream, outbox)
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            del self._outboxes[holder]
-            outbox.close()
-            freed = self.ledger.drop_holder(holder)
-            log.info("%s has gone: freed %d live call(s) and %d reservation(s); its spent tokens stay spent",
-                     holder, freed.calls, freed.reservations)
+        async with stream:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_write_all, stream, pending)
+                    try:
+                        await self._read_all(holder, stream, outbox)
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                # Before the socket closes: nobody may see it closed and find the slots still held.
+                del self._outboxes[holder]
+                outbox.close()
+                freed = self.ledger.drop_holder(holder)
+                log.info("%s has gone: freed %d live call(s) and %d reservation(s); its spent tokens stay spent",
+                         holder, freed.calls, freed.reservations)
 
     async def _read_all(self, holder: str, stream: trio.abc.Stream, outbox: trio.MemorySendChannel[bytes]) -> None:
         reader = FrameReader()
