@@ -945,6 +945,111 @@ async def test_resume_unknown_id_is_session_not_found() -> None:
     assert ([e["code"] for e in events], code) == (["session_not_found"], 1008)
 
 
+# --- conversation recovery hooks: refused resume, instructions, prompts ---------------------
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 1.0, 15.0, 29.0])
+async def test_fault_refuse_resume_even_within_grace(autojump_clock: Any, wait_s: float) -> None:
+    agent = FakeAgent(FakeAgentConfig(grace_s=30.0, faults=FaultPlan(refuse_resume=True)))
+    async with connect_stream(agent) as (ws, stream):
+        ready = await start(ws)
+        session = await agent.wait_for_session()
+        await stream.aclose()  # a network drop
+        await session.closed.wait()
+    await trio.sleep(wait_s)
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+        events, code = await drain(ws)
+    assert ([(e["type"], e["code"], e["param"]) for e in events], code) == (
+        [("session.error", "session_not_found", "session_id")], 1008
+    )
+    async with connect(agent) as ws:  # the next step: a fresh session carrying the conversation
+        fresh = await start(ws, update(system_prompt="Conversation so far: caller asked for a number."))
+        assert fresh["session_id"] != ready["session_id"]
+        assert await nothing_within(ws, 30)  # no greeting in the update: silent
+    assert agent.system_prompts == [BASE_SESSION["system_prompt"], "Conversation so far: caller asked for a number."]
+    assert agent.errors_sent == ["session_not_found"]
+
+
+def test_cli_refuse_resume_flag() -> None:
+    from tools.fake_agent import _build_parser, config_from_args
+
+    assert config_from_args(_build_parser().parse_args(["--refuse-resume"])).faults.refuse_resume is True
+    assert config_from_args(_build_parser().parse_args([])).faults.refuse_resume is False
+
+
+async def test_resume_without_the_fault_still_works(autojump_clock: Any) -> None:
+    agent = FakeAgent(FakeAgentConfig(faults=FaultPlan(refuse_resume=False)))
+    async with connect_stream(agent) as (ws, stream):
+        ready = await start(ws)
+        session = await agent.wait_for_session()
+        await stream.aclose()
+        await session.closed.wait()
+    async with connect(agent) as ws:
+        await send(ws, {"type": "session.resume", "session_id": ready["session_id"]})
+        resumed = await recv(ws)
+    assert (resumed["type"], resumed["session_id"]) == ("session.ready", ready["session_id"])
+
+
+@pytest.mark.parametrize(
+    ("clips", "instructions", "text", "clip"),
+    [
+        ({}, "Tell the caller you are back.", "Tell the caller you are back.", "reply"),
+        ({}, None, DEFAULT_REPLY_TEXT, "reply"),
+        ({"goodbye": "goodbye"}, "Say goodbye and hang up.", "Thanks for calling, goodbye!", "goodbye"),
+        ({"number": "number_3", "goodbye": "goodbye"}, "Read the number 3 back, then say goodbye",
+         "Sure. Your random number is three.", "number_3"),  # the first key that matches wins
+        ({"nothing matches": "goodbye"}, "Carry on.", "Carry on.", "reply"),
+        ({"goodbye": "goodbye"}, None, DEFAULT_REPLY_TEXT, "reply"),
+    ],
+)  # fmt: skip
+async def test_reply_create_instructions_pick_text_and_clip(
+    clips: dict[str, str], instructions: str | None, text: str, clip: str
+) -> None:
+    agent = FakeAgent(FakeAgentConfig(instruction_clips=clips))
+    async with connect(agent) as ws:
+        await start(ws)
+        event: dict[str, Any] = {"type": "reply.create"}
+        if instructions is not None:
+            event["instructions"] = instructions
+        await send(ws, event)
+        events = await recv_until(ws, "reply.done")
+    audio = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "reply.audio")
+    assert audio == b"\xff" * 1600 + (REPO / "tools" / "audio" / f"{clip}.ulaw").read_bytes()
+    assert [e["text"] for e in events if e["type"] == "transcript.agent"] == [text]
+    deltas = [e["delta"] for e in events if e["type"] == "transcript.agent.delta"]
+    assert deltas == text.split()
+    assert agent.reply_instructions == [instructions]
+
+
+async def test_prompts_and_instructions_are_recorded_in_order() -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        await send(ws, {"type": "reply.create", "instructions": "first"})
+        await send(ws, {"type": "session.update", "session": {"system_prompt": "second prompt"}})
+        await send(ws, {"type": "session.update", "session": {"tools": []}})
+        await send(ws, {"type": "session.update", "session": {"system_prompt": 5}})  # rejected
+        await send(ws, {"type": "reply.create", "instructions": 5})  # rejected
+        await send(ws, {"type": "reply.create"})
+        await send(ws, {"type": "session.end"})
+        await drain(ws)
+    async with connect(agent) as ws:
+        await start(ws, {"type": "session.update", "session": {}})
+    assert agent.system_prompts == [BASE_SESSION["system_prompt"], "second prompt", None, None]
+    assert agent.reply_instructions == ["first", None]
+    assert agent.errors_sent == ["invalid_format", "invalid_format"]
+
+
+async def test_mid_session_update_without_greeting_stays_silent(autojump_clock: Any) -> None:
+    agent = FakeAgent()
+    async with connect(agent) as ws:
+        await start(ws)
+        await send(ws, {"type": "session.update", "session": {"system_prompt": "New context."}})
+        assert (await recv(ws))["type"] == "session.updated"
+        assert await nothing_within(ws, 30)
+
+
 # --- echo mode ------------------------------------------------------------------------------
 
 

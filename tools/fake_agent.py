@@ -127,6 +127,9 @@ class FaultPlan:
     garbage_after_ready: bool = False  # non-JSON, binary, typeless error, unknown types
     tool_args_key: str = "arguments"  # "args" emits the legacy key
     session_cap_s: float | None = None  # session_expired, session.ended, close 1008
+    # Every session.resume: session_not_found + close 1008, even within the grace window (as an
+    # operator saw live, reference §8b). The session itself is left as it was.
+    refuse_resume: bool = False
 
 
 @dataclass
@@ -157,6 +160,10 @@ class FakeAgentConfig:
     tool_on_turn: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     tool_timeout_s: float = 120.0  # overridden by a tool's timeout_seconds
     tool_preamble_s: float = 0.0  # time between tool.call and the pre-amble's reply.done
+    # reply.create{instructions}: the first key found in the instructions (in insertion order)
+    # picks the reply's clip, tools/audio/<value>.ulaw, and its words (words.json) as the text.
+    # No match: the text is the instructions themselves, over the reply clip.
+    instruction_clips: dict[str, str] = field(default_factory=dict)
     agent_ids: frozenset[str] = frozenset()  # stored agents that exist
     record_audio: bool = True  # keep input_audio/audio_sent (turn off for long benchmarks)
     # transcript.agent.delta, one per word of every reply with audio and a transcript (see
@@ -803,6 +810,7 @@ class _Connection:
         session.conn = self
         self.session = session
         self.agent.sessions[session.session_id] = session
+        self.agent.system_prompts.append(payload.get("system_prompt"))
         if self.cfg.faults.never_ready:
             return
         if self.cfg.ready_delay_s > 0:
@@ -815,6 +823,9 @@ class _Connection:
         session_id = event.get("session_id")
         if not isinstance(session_id, str):
             self._fatal("invalid_format", "session.resume requires session_id", "session_id")
+            return
+        if self.cfg.faults.refuse_resume:
+            self._fatal("session_not_found", f"Session {session_id!r} not found or expired", "session_id")
             return
         session = self.agent.sessions.get(session_id)
         now = trio.current_time()
@@ -1009,6 +1020,7 @@ class _Connection:
             self._error(problem.code, problem.message, problem.param)
             return
         assert isinstance(payload, dict)
+        self.agent.system_prompts.append(payload.get("system_prompt"))
         changed = immutable_changes(payload, session.config)
         for param in changed:
             self._error("immutable_field", f"{param} cannot change after session.ready", param)
@@ -1040,6 +1052,12 @@ class _Connection:
         if instructions is not None and not isinstance(instructions, str):
             self._error("invalid_format", "instructions must be a string", "instructions")
             return
+        self.agent.reply_instructions.append(instructions)
+        for key, clip in self.cfg.instruction_clips.items():
+            if instructions and key in instructions:
+                self._queue(_ReplyJob(self.agent.clip_text(clip), self.agent.clip(clip)))
+                return
+        # Scripted output that says what it was told, so tests can see which instructions won.
         self._queue(_ReplyJob(instructions or self.cfg.reply_text, self.agent.reply_audio))
 
     def _on_conversation_message(self, event: dict[str, Any]) -> None:
@@ -1200,6 +1218,11 @@ class FakeAgent:
         self.connections_total = 0
         self.sessions: dict[str, FakeSession] = {}
         self.errors_sent: list[str] = []  # every session.error code, sessions or not
+        # Every accepted session.update's system_prompt (None: the update had none), first
+        # updates and later ones, in arrival order across sessions.
+        self.system_prompts: list[str | None] = []
+        # Every valid reply.create's instructions (None: it had none), in arrival order.
+        self.reply_instructions: list[str | None] = []
         self._ready_sessions: list[FakeSession] = []
         self._ready_lot = trio.lowlevel.ParkingLot()
         self._greeting_audio = self.config.greeting_audio
@@ -1229,6 +1252,11 @@ class FakeAgent:
         if audio is None:
             audio = self._clips[name] = (AUDIO_DIR / f"{name}.ulaw").read_bytes()
         return audio
+
+    def clip_text(self, name: str) -> str:
+        """What tools/audio/<name>.ulaw says (its text in words.json). Raises KeyError."""
+        text: str = orjson.loads((AUDIO_DIR / "words.json").read_bytes())[name]["text"]
+        return text
 
     async def serve(
         self,
@@ -1366,6 +1394,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voices", default=None, help="comma-separated allow-list")
     parser.add_argument("--grace-s", type=float, default=30.0)
     parser.add_argument("--tool-on-turn", action="append", default=[], metavar="N:NAME:JSON")
+    parser.add_argument("--refuse-resume", action="store_true", help="every session.resume: session_not_found")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -1381,6 +1410,7 @@ def config_from_args(args: argparse.Namespace) -> FakeAgentConfig:
         echo_barge_in_every_n=args.echo_barge_in_every,
         grace_s=args.grace_s,
         tool_on_turn=_parse_tool_on_turn(args.tool_on_turn),
+        faults=FaultPlan(refuse_resume=args.refuse_resume),
         record_audio=False,  # nobody reads the recordings of a CLI server; keep memory flat
     )
 
