@@ -12,7 +12,7 @@ import trio.testing
 from bridge.agent import events as ag
 from bridge.agent.tools import ToolRegistry, tool
 from bridge.call.context import CallContext
-from bridge.call.session import CallSession, CallSetup
+from bridge.call.session import AGENT_OUT_FRAMES, CallSession, CallSetup
 from bridge.call.state import CallPolicy, Outcome
 from tests.fakes import CALL_SID, STREAM_SID, AgentConnector, Peer, TwilioScript, ev, payload, ready, socket_pair
 
@@ -545,3 +545,96 @@ async def test_agent_audio_after_the_twilio_writer_ended_still_lets_the_call_end
     agent.close()
     await call.done.wait()
     assert call.summary.outcome is Outcome.CALLER_HUNG_UP
+
+
+# --- issue 12 bugs (each test failed on e1a1348) --------------------------------------------------
+
+
+async def test_control_keeps_its_order_and_is_never_dropped_when_caller_audio_fills_the_queue(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    """Issue 12 bug 1: with ``agent_out`` full, each control message used to be sent by a task of
+    its own, and Trio does not keep those tasks' order. Two held tool results flushed by one
+    ``reply.done`` are the realistic case; eight rounds make a 50 % reorder show up."""
+    call = Call(nursery)
+    agent = await call.start()
+    sock = call.connector.sockets[0]
+    real_send = sock.send
+    hold = trio.Event()
+
+    async def held_send(text: str) -> None:
+        await hold.wait()
+        await real_send(text)
+
+    sock.send = held_send  # type: ignore[method-assign]
+    for rnd in range(8):
+        hold = trio.Event()
+        reply, first, second = f"r{rnd}", f"t{rnd}a", f"t{rnd}b"
+        await agent.send(ev("reply.started", reply_id=reply))
+        for tool_call_id in (first, second):  # unreadable arguments: an error result at once, held
+            await agent.send(ev("tool.call", call_id=tool_call_id, name="slow_lookup", arguments="{not json"))
+        for i in range(AGENT_OUT_FRAMES + 10):  # the upstream is not taking anything: the queue fills
+            await call.twilio.send(call.script.media(payload(i)))
+        await trio.testing.wait_all_tasks_blocked()
+        dropped = call.session.stats.frames_dropped_backpressure
+        await agent.send(ev("reply.done", reply_id=reply, status="completed"))  # flushes both results
+        await trio.testing.wait_all_tasks_blocked()
+        hold.set()
+        results = [e["call_id"] for e in await drain(agent) if e["type"] == "tool.result"]
+        assert results == [first, second], f"round {rnd}"
+        assert dropped > 0  # caller audio was dropped: the queue really was full
+        await trio.sleep(3)  # the caller-audio budget refills
+    assert not call.done.is_set()
+
+
+async def test_every_connect_error_of_a_group_is_heeded(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    """Issue 12 bug 2: the agent leg reduced an exception group to its first member. Here the
+    handshake's reader fails first with a retryable error and the connect itself with a refusal
+    that will never pass: the refusal must end the call at once (it used to be retried until
+    the ready deadline), and both errors are reported."""
+    from bridge.errors import UpstreamError
+
+    attempts: list[int] = []
+
+    async def connect(nursery: trio.Nursery) -> Any:
+        attempts.append(1)
+
+        async def reader() -> None:
+            raise OSError("connection reset by peer")
+
+        nursery.start_soon(reader)
+        with trio.CancelScope(shield=True):
+            await trio.testing.wait_all_tasks_blocked()  # the reader has failed first
+        raise UpstreamError("unauthorized", "the API key was revoked", retryable=False)
+
+    call = Call(nursery)
+    call.session._connect_agent = connect
+    t0 = trio.current_time()
+    await call.twilio.send(call.script.start())
+    await call.done.wait()
+    assert attempts == [1]
+    assert trio.current_time() - t0 < 1.0
+    assert call.summary.outcome is Outcome.UPSTREAM_FAILED
+    assert "the API key was revoked" in call.summary.reason
+    assert "connection reset by peer" in call.summary.reason
+
+
+async def test_the_phone_writer_does_not_close_the_channel_it_reads(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    """Issue 12 bug 3: ``_phone_tx`` closed its receive channel on the way out; the session owns
+    both ends of its channels and closes them in teardown."""
+    call = Call(nursery)
+    agent = await call.start()
+    call.twilio.from_bridge.close()  # the next send to Twilio fails: the writer ends
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("reply.audio", reply_id="r1", data=payload(1, 300)))
+    await trio.testing.wait_all_tasks_blocked()
+    stats = call.session._phone_out_send.statistics()
+    assert stats.open_receive_channels == 1 and not call.done.is_set()
+    await call.twilio.send(call.script.stop())
+    await call.done.wait()
+    stats = call.session._phone_out_send.statistics()
+    assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)
+    stats = call.session._agent_out_send.statistics()
+    assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)

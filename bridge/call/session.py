@@ -16,6 +16,7 @@ under a shielded deadline. Nothing of the call outlives ``run``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -34,8 +35,11 @@ from bridge.phone import twiml
 
 log = logging.getLogger("bridge.call")
 
-# Caller audio waiting for the upstream writer: 50 frames = 1 s at 20 ms. When full, new caller
-# audio is dropped (and counted): stale audio delays every later turn. Control waits.
+# Caller audio waiting for the upstream writer: 50 frames = 1 s at 20 ms. When that much is
+# queued, new caller audio is dropped (and counted): stale audio delays every later turn. Control
+# (tool results, session.end) is queued behind it in the same channel, in order, and never dropped;
+# the call makes at most one per tool call plus one session.end, so the channel itself is unbounded
+# and the audio bound is counted by the session (``_agent_audio_queued``).
 AGENT_OUT_FRAMES = 50
 # Agent audio and control waiting for the Twilio writer: 1024 chunks ~ 38 s of agent speech at
 # 37.5 ms. The agent reader never waits on Twilio; if this fills, Twilio has stopped reading and
@@ -140,7 +144,10 @@ class CallSession:
         self._agent_tx_scope: trio.CancelScope | None = None
         self._phone_tx_done = trio.Event()
         self._resume_pending = False  # a resume was started and has not reached session.ready
-        self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[str](AGENT_OUT_FRAMES)
+        # Both ends of both channels are the session's: it closes them in teardown (_close_sockets).
+        self._agent_out_send, self._agent_out_recv = trio.open_memory_channel[st.SendAgent](math.inf)
+        self._agent_audio_queued = 0  # caller-audio items in agent_out (the AGENT_OUT_FRAMES bound)
+        self._unsent_control: st.SendAgent | None = None  # taken from agent_out, its socket then dropped
         self._phone_out_send, self._phone_out_recv = trio.open_memory_channel[tuple[str, int | None]](PHONE_OUT_FRAMES)
 
     @property
@@ -197,21 +204,20 @@ class CallSession:
     async def _phone_tx(self) -> None:
         state, phone, clock, recv = self.state, self._phone, self._clock, self._phone_out_recv
         try:
-            async with recv:
-                while True:
+            while True:
+                try:
+                    text, epoch = await recv.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                while True:  # then whatever else is queued, without a scheduling pass per frame
+                    if epoch is None or epoch == state.epoch:  # else: queued before a clear, never played
+                        self._phone_send_since = clock()
+                        await phone.send(text)
+                        self._phone_send_since = None
                     try:
-                        text, epoch = await recv.receive()
-                    except trio.EndOfChannel:
-                        return
-                    while True:  # then whatever else is queued, without a scheduling pass per frame
-                        if epoch is None or epoch == state.epoch:  # else: queued before a clear, never played
-                            self._phone_send_since = clock()
-                            await phone.send(text)
-                            self._phone_send_since = None
-                        try:
-                            text, epoch = recv.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                        text, epoch = recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
         except SocketClosed:
             return
         finally:
@@ -235,7 +241,8 @@ class CallSession:
         metrics = self.setup.metrics
         while not self.state.ending:
             retry_reason: str | None = None
-            failure: BaseException | None = None
+            failures: list[BaseException] = []
+            broken = False
             sock: MessageSocket | None = None
             reader_done = False  # False in finally: the leg was cancelled with its socket open
             try:
@@ -256,16 +263,24 @@ class CallSession:
                     reader_done = True
                     ws_nursery.cancel_scope.cancel()
             except* _CONNECT_ERRORS as group:
-                failure = group.exceptions[0]
+                failures = _leaves(group)
+            except* Exception as group:  # a bug of ours in the leg: log every member, end the call
+                for member in _leaves(group):
+                    log.error("the agent leg failed", exc_info=member)
+                broken = True
             finally:
                 if sock is not None:
                     with trio.CancelScope(shield=True):
                         await self._retire_agent(sock, say_goodbye=not reader_done)
-            if failure is not None:
+            if broken:
+                self._apply(self.state.on_agent_connect_failed(self._clock(), "internal error in the agent leg"))
+                return
+            if failures:
                 if metrics:
                     metrics.upstream_connects.labels("failed").inc()
-                detail = _describe_connect_error(failure)
-                if not _retryable(failure):
+                # Every member counts: one error that no retry will cure ends the attempt.
+                detail = "; ".join(_describe_connect_error(exc) for exc in failures)
+                if not all(_retryable(exc) for exc in failures):
                     self._apply(self.state.on_agent_connect_failed(self._clock(), detail))
                     return
                 retry_reason = detail
@@ -277,17 +292,30 @@ class CallSession:
 
     async def _resend_control(self, sock: MessageSocket) -> None:
         """After a resume: drop caller audio queued before the drop (never burst it upstream),
-        keep control messages (tool results) and send them first."""
+        keep control messages (tool results) and send them first, in order."""
+        unsent, self._unsent_control = self._unsent_control, None
+        if unsent is not None:
+            await self._send_control(sock, unsent)
         recv = self._agent_out_recv
         while True:
             try:
-                text = recv.receive_nowait()
+                item = recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            if text.startswith(_AUDIO_PREFIX):
+            if item.audio:
+                self._agent_audio_queued -= 1
                 self.state.stats.frames_dropped_gap += 1
             else:
-                await sock.send(text)
+                await self._send_control(sock, item)
+
+    async def _send_control(self, sock: MessageSocket, item: st.SendAgent) -> None:
+        try:
+            await sock.send(item.text)
+        except SocketClosed:
+            self._unsent_control = item
+            raise
+        if item is _SESSION_END:
+            self._session_end_sent = True
 
     async def _keepalive(self, sock: Any) -> None:
         """A silent upstream is normal; one that stops answering pings is dead: drop it (resume)."""
@@ -363,21 +391,25 @@ class CallSession:
             self._agent_tx_scope = stall
             while True:
                 try:
-                    text = await recv.receive()
+                    item = await recv.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
                 while True:  # then whatever else is queued, without a scheduling pass per frame
+                    if item.audio:
+                        self._agent_audio_queued -= 1
                     self._agent_send_since = clock()
                     try:
-                        await sock.send(text)
+                        await sock.send(item.text)
                     except SocketClosed:
+                        if not item.audio:
+                            self._unsent_control = item  # a resume sends it first: control is never lost
                         return  # the reader sees the close and decides
                     finally:
                         self._agent_send_since = None
-                    if text is ag.SESSION_END:
+                    if item is _SESSION_END:
                         self._session_end_sent = True
                     try:
-                        text = recv.receive_nowait()
+                        item = recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
         if stall.cancelled_caught:
@@ -478,29 +510,37 @@ class CallSession:
         for action in actions:
             kind = type(action)
             if kind is st.SendAgent:
-                try:
-                    self._agent_out_send.send_nowait(action.text)  # type: ignore[union-attr]
-                except trio.WouldBlock:
-                    if action.audio:  # type: ignore[union-attr]
-                        self.state.stats.frames_to_agent -= 1
-                        self.state.stats.frames_dropped_backpressure += 1
-                    elif self._nursery is not None:
-                        self._nursery.start_soon(self._agent_out_send.send, action.text)  # type: ignore[union-attr]
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass
+                self._send_agent(action)  # type: ignore[arg-type]
             elif kind is st.SendPhone:
                 try:
                     self._phone_out_send.send_nowait((action.text, action.epoch))  # type: ignore[union-attr]
                 except trio.WouldBlock:
-                    self._stuck("Twilio is not reading: the playback queue is full")
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass  # the Twilio writer has finished (its socket is gone): nothing more is played
+                    if not self._phone_tx_done.is_set():
+                        self._stuck("Twilio is not reading: the playback queue is full")
+                    # else: the Twilio writer has finished (its socket is gone): nothing more is played
+                except trio.ClosedResourceError:
+                    pass  # teardown has closed the channel
             elif kind is st.Log:
                 log.log(action.level, action.message)  # type: ignore[union-attr]
             elif kind is st.EndCall:
                 self._begin_end(action)  # type: ignore[arg-type]
             elif self._nursery is not None:
                 self._spawn(action)
+
+    def _send_agent(self, action: st.SendAgent) -> None:
+        """Queue for the upstream writer, in order. Caller audio beyond AGENT_OUT_FRAMES is dropped
+        (counted); control is never dropped (the channel has room for it, see AGENT_OUT_FRAMES)."""
+        if action.audio:
+            if self._agent_audio_queued >= AGENT_OUT_FRAMES:
+                stats = self.state.stats
+                stats.frames_to_agent -= 1
+                stats.frames_dropped_backpressure += 1
+                return
+            self._agent_audio_queued += 1
+        try:  # noqa: SIM105 (contextlib.suppress costs an object per frame on the hot path)
+            self._agent_out_send.send_nowait(action)
+        except trio.ClosedResourceError:
+            pass  # teardown has closed the channel: the call is over
 
     def _spawn(self, action: st.Action) -> None:
         assert self._nursery is not None
@@ -547,14 +587,14 @@ class CallSession:
         end = self._end_action
         if end is None or not end.end_upstream or self._agent is None:
             return
+        self._send_agent(_SESSION_END)  # behind whatever control is queued, never before it
         with trio.move_on_after(GOODBYE_S):
-            await self._agent_out_send.send(ag.SESSION_END)
             await self._upstream_gone.wait()
 
     async def _close_sockets(self) -> None:
         """Shielded by the caller. A call cancelled from outside still ends its upstream session."""
-        self._agent_out_send.close()
-        self._phone_out_send.close()
+        for channel in (self._agent_out_send, self._agent_out_recv, self._phone_out_send, self._phone_out_recv):
+            channel.close()
         if self._agent is not None:  # normally each agent leg has already retired its socket
             await self._retire_agent(self._agent, say_goodbye=True)
         with trio.move_on_after(CLOSE_S):
@@ -629,7 +669,15 @@ def _metric_code(code: str) -> str:
     return code if code in _KNOWN_CODES else "other"
 
 
-_AUDIO_PREFIX = '{"type":"input.audio"'
+_SESSION_END = st.SendAgent(ag.SESSION_END)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """Every exception of a (nested) group, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 _CONNECT_ERRORS = (UpstreamError, trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, SocketClosed)
 
 
