@@ -108,6 +108,8 @@ class Settings:
     drain_seconds: float = 30.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    console_token: str | None = field(default=None, repr=False)
+    console_session_secret: bytes | None = field(default=None, repr=False)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -119,6 +121,10 @@ class Settings:
         values = [self.assemblyai_api_key, self.stream_token_secret.hex()]
         if self.twilio_auth_token:
             values.append(self.twilio_auth_token)
+        if self.console_token:
+            values.append(self.console_token)
+        if self.console_session_secret:
+            values.append(self.console_session_secret.decode())
         return tuple(v for v in values if v)
 
     def describe(self) -> list[str]:
@@ -242,6 +248,19 @@ def from_env(
             f"VOICE_AGENT_URL={DEFAULT_VOICE_AGENT_URL}"
         )
 
+    console_token = r.optional("CONSOLE_TOKEN")
+    if console_token is not None and len(console_token) < 16:
+        raise ConfigError(
+            "CONSOLE_TOKEN is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(24))")'
+        )
+    session_secret = r.optional("CONSOLE_SESSION_SECRET")
+    if session_secret is not None and len(session_secret) < 16:
+        raise ConfigError(
+            "CONSOLE_SESSION_SECRET is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+        )
+
     return Settings(
         assemblyai_api_key=api_key,
         public=public,
@@ -281,6 +300,8 @@ def from_env(
         drain_seconds=r.number("DRAIN_SECONDS", 30.0, 0.0, 24 * 3600.0),
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
+        console_token=console_token,
+        console_session_secret=session_secret.encode() if session_secret else None,
         warnings=tuple(warnings),
     )
 

@@ -19,6 +19,7 @@ PURE_MODULES = [
     "bridge.phone.security",
     "bridge.phone.twiml",
     "bridge.call.registry",
+    "bridge.fleet.ledger",
     "bridge.call.context",
     "bridge.call.actions",
     "bridge.call.policy",
@@ -27,6 +28,8 @@ PURE_MODULES = [
     "bridge.net.framing",
     "bridge.records.facts",
     "bridge.records.record",
+    "bridge.console.session",
+    "bridge.call.amd",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent
