@@ -102,6 +102,7 @@ async def serve(
         watchers.start_soon(drain_then_stop)
         if handle_signals:
             watchers.start_soon(watch_signals)
+        await watchers.start(app.keep_shared_state)  # before the first admission (bridge/fleet/shared.py)
         listeners = await open_listeners(bind or [f"{settings.bind_host}:{settings.port}"])
         private_dir = make_private_dir()
         try:

@@ -1,4 +1,5 @@
-"""CallRegistry (bridge.call.registry): capacity, webhook reservations that expire, drain."""
+"""CallRegistry (bridge.call.registry): the live calls of one process, ending them, drain.
+Capacity is the shared state's (tests/test_ledger.py, tests/shared_state_contract.py)."""
 
 from __future__ import annotations
 
@@ -13,74 +14,41 @@ class FakeCall:
         self.ended.append(reason)
 
 
-def test_capacity_counts_live_calls_and_reservations() -> None:
-    reg = CallRegistry(2)
-    assert reg.reserve("t1", expires_at=60.0, now=0.0)
-    assert reg.reserve("t2", expires_at=60.0, now=0.0)
-    assert not reg.reserve("t3", expires_at=60.0, now=0.0)  # full with reservations alone
-    assert reg.admit("t1", "call-1", FakeCall(), now=1.0)
-    assert reg.admit("t2", "call-2", FakeCall(), now=1.0)
+def test_add_remove_and_end_one_call() -> None:
+    reg = CallRegistry[FakeCall]()
+    first, second = FakeCall(), FakeCall()
+    reg.add("c1", first)
+    reg.add("c2", second)
     assert len(reg) == 2
-    assert not reg.admit("other-instance-token", "call-3", FakeCall(), now=1.0)
-    reg.release("call-1")
-    assert len(reg) == 1
-    assert reg.admit("other-instance-token", "call-3", FakeCall(), now=2.0)  # a free slot, no reservation
+    assert reg.end("c1", "replaced by a newer stream")
+    assert first.ended == ["replaced by a newer stream"] and second.ended == []
+    reg.remove("c1")
+    assert not reg.end("c1", "again")  # ended meanwhile: nothing to do
+    assert first.ended == ["replaced by a newer stream"]
+    assert list(reg.live()) == [second]
 
 
-def test_reservation_holds_a_slot_for_its_own_stream() -> None:
-    reg = CallRegistry(1)
-    assert reg.reserve("t1", expires_at=60.0, now=0.0)
-    assert not reg.admit("someone-else", "call-x", FakeCall(), now=1.0)
-    assert reg.admit("t1", "call-1", FakeCall(), now=1.0)
-
-
-def test_reservations_expire_at_their_exact_time() -> None:
-    reg = CallRegistry(1)
-    assert reg.reserve("t1", expires_at=10.0, now=0.0)
-    assert not reg.reserve("t2", expires_at=20.0, now=10.0)  # still held at its expiry instant
-    assert reg.reserve("t2", expires_at=20.0, now=10.001)
-
-
-def test_expired_reservation_no_longer_guarantees_a_slot() -> None:
-    reg = CallRegistry(1)
-    assert reg.reserve("t1", expires_at=10.0, now=0.0)
-    assert reg.admit("t-other", "call-other", FakeCall(), now=11.0)  # t1 expired: the slot was free
-    assert not reg.admit("t1", "call-1", FakeCall(), now=12.0)
-
-
-def test_reserving_the_same_token_twice_takes_one_slot() -> None:
-    reg = CallRegistry(2)
-    assert reg.reserve("t1", expires_at=10.0, now=0.0)
-    assert reg.reserve("t1", expires_at=20.0, now=1.0)
-    assert reg.reserve("t2", expires_at=10.0, now=1.0)
-
-
-def test_drain_refuses_new_calls_and_keeps_live_ones() -> None:
-    reg = CallRegistry(5)
+def test_drain_keeps_live_calls_and_end_all_ends_them() -> None:
+    reg = CallRegistry[FakeCall]()
     live = FakeCall()
-    assert reg.reserve("t1", expires_at=60.0, now=0.0)
-    assert reg.reserve("t2", expires_at=60.0, now=0.0)
-    assert reg.admit("t1", "call-1", live, now=1.0)
+    reg.add("c1", live)
     reg.start_drain()
     assert reg.draining
-    assert not reg.reserve("t3", expires_at=60.0, now=2.0)
-    assert not reg.admit("t2", "call-2", FakeCall(), now=2.0)  # its reservation is void too
-    assert list(reg.live()) == [live]
     assert live.ended == []  # ending live calls is the server's decision, not the registry's
-    reg.release("call-1")
-    assert len(reg) == 0
+    reg.end_all("server shutting down")
+    assert live.ended == ["server shutting down"]
 
 
 def test_live_is_a_snapshot() -> None:
-    reg = CallRegistry(3)
+    reg = CallRegistry[FakeCall]()
     for i in range(3):
-        assert reg.admit(f"t{i}", f"call-{i}", FakeCall(), now=0.0)
+        reg.add(f"c{i}", FakeCall())
     for i, _ in enumerate(reg.live()):
-        reg.release(f"call-{i}")  # releasing while iterating must not break the iteration
+        reg.remove(f"c{i}")  # removing while iterating must not break the iteration
     assert len(reg) == 0
 
 
-def test_release_of_an_unknown_call_is_harmless() -> None:
-    reg = CallRegistry(1)
-    reg.release("nope")
+def test_removing_an_unknown_call_is_harmless() -> None:
+    reg = CallRegistry[FakeCall]()
+    reg.remove("nope")
     assert len(reg) == 0

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.config import from_env
-from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token, mint_token
+from bridge.phone.security import SignatureChecker, StreamGrant, check_token, mint_token
 
 # twilio-python's unit-test vectors (reference §4.1), re-run on 9.13.0.
 TOKEN = "12345"
@@ -211,29 +211,6 @@ def test_check_token_never_raises(token: str) -> None:
     assert result in ("malformed", "bad signature", "expired")
 
 
-def test_ledger_allows_each_token_once() -> None:
-    ledger = TokenLedger()
-    grant = check_token(SECRET, mint_token(SECRET, CALL_SID, "inbound", now=1000.0, ttl_s=60.0), now=1000.0)
-    assert isinstance(grant, StreamGrant)
-    assert ledger.claim(grant, now=1000.0) is True
-    assert ledger.claim(grant, now=1001.0) is False
-    other = check_token(SECRET, mint_token(SECRET, CALL_SID, "inbound", now=1000.0, ttl_s=60.0), now=1000.0)
-    assert isinstance(other, StreamGrant) and ledger.claim(other, now=1001.0) is True
-
-
-def test_ledger_pruning_keeps_unexpired_tokens() -> None:
-    ledger = TokenLedger()
-    live = check_token(SECRET, mint_token(SECRET, CALL_SID, "inbound", now=1000.0, ttl_s=600.0), now=1000.0)
-    assert isinstance(live, StreamGrant) and ledger.claim(live, now=1000.0)
-    for i in range(1100):
-        stale = StreamGrant(f"stale-{i}", CALL_SID, "inbound", expires_at=1010)
-        assert ledger.claim(stale, now=1000.0)
-    fresh = StreamGrant("fresh", CALL_SID, "inbound", expires_at=2000)
-    assert ledger.claim(fresh, now=1100.0)  # prunes the expired ones
-    assert ledger.claim(live, now=1100.0) is False  # still remembered: a replay inside its life
-    assert ledger.claim(fresh, now=1100.0) is False
-
-
 def test_token_minted_by_one_instance_is_accepted_by_another() -> None:
     """Behind a load balancer the webhook and the stream can land on different instances."""
     env = {
@@ -245,6 +222,5 @@ def test_token_minted_by_one_instance_is_accepted_by_another() -> None:
     token = mint_token(webhook_instance.stream_token_secret, CALL_SID, "outbound", now=1000.0, ttl_s=60.0)
     grant = check_token(stream_instance.stream_token_secret, token, now=1030.0)
     assert grant == StreamGrant(token, CALL_SID, "outbound", 1060)
-    assert TokenLedger().claim(grant, now=1030.0)  # type: ignore[arg-type]
     unrelated = from_env({**env, "TWILIO_AUTH_TOKEN": "f" * 32})
     assert check_token(unrelated.stream_token_secret, token, now=1030.0) == "bad signature"

@@ -1,63 +1,61 @@
-"""The live calls of one process: capacity, reservations made by webhooks, drain (pure)."""
+"""The live calls of one process: who is on the line here, the drain, ending calls (pure).
+
+Capacity is not counted here: ``MAX_CONCURRENT_CALLS`` and webhook reservations are held by the
+shared state (``bridge/fleet/shared.py``), so they hold across the WORKERS of one machine.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Generic, Protocol, TypeVar
 
 
 class EndableCall(Protocol):
     def request_end(self, reason: str) -> None: ...
 
 
-class CallRegistry:
-    """Counts calls against ``MAX_CONCURRENT_CALLS``.
+C = TypeVar("C", bound=EndableCall)
 
-    A webhook that mints a stream token reserves a slot until the token expires, so a burst of
-    webhooks cannot over-commit before their streams connect. A stream whose token was minted by
-    another instance (behind a load balancer) takes a slot directly if one is free.
-    """
 
-    def __init__(self, max_calls: int) -> None:
-        self.max_calls = max_calls
+class CallRegistry(Generic[C]):
+    """The calls running in this process, by call id, and whether it is draining."""
+
+    def __init__(self) -> None:
         self.draining = False
-        self._live: dict[str, EndableCall] = {}
-        self._reserved: dict[str, float] = {}
+        self._live: dict[str, C] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def live(self) -> Iterator[EndableCall]:
+    @property
+    def by_id(self) -> Mapping[str, C]:
+        """A read-only view of the live calls by call id."""
+        return MappingProxyType(self._live)
+
+    def live(self) -> Iterator[C]:
+        """A snapshot: calls may end while it is iterated."""
         return iter(list(self._live.values()))
 
-    def reserve(self, token: str, *, expires_at: float, now: float) -> bool:
-        """Hold a slot for a stream about to connect. False when full or draining."""
-        if self.draining:
-            return False
-        self._expire(now)
-        if len(self._live) + len(self._reserved) >= self.max_calls:
-            return False
-        self._reserved[token] = expires_at
-        return True
-
-    def admit(self, token: str, call_id: str, call: EndableCall, *, now: float) -> bool:
-        """Turn a reservation (or a free slot) into a live call. False when full or draining."""
-        if self.draining:
-            self._reserved.pop(token, None)
-            return False
-        self._expire(now)
-        if self._reserved.pop(token, None) is None and len(self._live) + len(self._reserved) >= self.max_calls:
-            return False
+    def add(self, call_id: str, call: C) -> None:
         self._live[call_id] = call
-        return True
 
-    def release(self, call_id: str) -> None:
+    def remove(self, call_id: str) -> None:
         self._live.pop(call_id, None)
 
-    def start_drain(self) -> None:
-        self.draining = True
-        self._reserved.clear()
+    def end(self, call_id: str, reason: str) -> bool:
+        """Ask one call to end (e.g. a newer stream for its CallSid was admitted). False if it
+        is not live here (ended meanwhile)."""
+        call = self._live.get(call_id)
+        if call is None:
+            return False
+        call.request_end(reason)
+        return True
 
-    def _expire(self, now: float) -> None:
-        if self._reserved:
-            self._reserved = {t: exp for t, exp in self._reserved.items() if exp >= now}
+    def end_all(self, reason: str) -> None:
+        for call in self.live():
+            call.request_end(reason)
+
+    def start_drain(self) -> None:
+        """Take no new calls; live ones go on (ending them is the server's decision)."""
+        self.draining = True

@@ -168,7 +168,7 @@ class FrontDoor:
                     log.warning("refused a Media Stream: the WebSocket handshake was invalid or incomplete")
                     return
                 phone = WsPhoneSocket(stream)
-                admitted = app.admit_stream(request.path, request.headers, phone)
+                admitted = await app.admit_stream(request.path, request.headers, phone)
                 if isinstance(admitted, int):
                     headers, body = refusal(admitted)
                     with trio.move_on_after(HANDSHAKE_DEADLINE_S):

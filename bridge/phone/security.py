@@ -5,7 +5,8 @@
   signed string is the ``wss://`` URL from our TwiML with no params (reference twilio.md §4.2).
 - Stream tokens: the id in ``/media-stream/<token>`` is minted by the signed webhook: an HMAC over
   direction, CallSid, expiry and a nonce with the server secret. Stateless, so any instance with
-  the same secret accepts it; single use is enforced per process by :class:`TokenLedger`.
+  the same secret accepts it; single use is enforced at admission by the shared state
+  (``bridge/fleet/``: per process, across the WORKERS of a machine through their parent).
 """
 
 from __future__ import annotations
@@ -78,22 +79,6 @@ def check_token(secret: bytes, token: str, *, now: float) -> StreamGrant | str:
         return "expired"
     direction: Direction = "inbound" if match.group(1) == "i" else "outbound"
     return StreamGrant(token, match.group(2), direction, expiry)
-
-
-class TokenLedger:
-    """Remembers used tokens until they expire, so each opens at most one stream per process."""
-
-    def __init__(self) -> None:
-        self._used: dict[str, int] = {}
-
-    def claim(self, grant: StreamGrant, *, now: float) -> bool:
-        """True the first time a grant is claimed; False for a replay."""
-        if len(self._used) > 1024:
-            self._used = {t: exp for t, exp in self._used.items() if exp >= now}
-        if grant.token in self._used:
-            return False
-        self._used[grant.token] = grant.expires_at
-        return True
 
 
 def _mac(secret: bytes, body: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,18 +20,22 @@ from bridge.agent import events as ag
 from bridge.agent.builtin_tools import call_control_definitions
 from bridge.agent.connection import AgentEndpoint, open_agent_socket
 from bridge.agent.tools import ToolRegistry, load_tools
+from bridge.call.admission import Gate, Refused, StreamRequest, admit
 from bridge.call.context import CallContext
 from bridge.call.persona import SessionHook, load_session_hook, resolve_session
 from bridge.call.registry import CallRegistry
 from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup, MessageSocket
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
+from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
 from bridge.observe import Metrics, release_free_memory
-from bridge.phone.security import SignatureChecker, StreamGrant, TokenLedger, check_token
+from bridge.phone.security import SignatureChecker, StreamGrant
 from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
 from bridge.web.webhooks import CallOutcomeRecord, build_quart
 
 log = logging.getLogger("bridge.web")
+
+_RELEASE_S = 3.0  # at a call's end: time to tell the shared state (its own deadline is shorter)
 
 
 @dataclass
@@ -43,6 +47,9 @@ class Collaborators:
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     session_hook: SessionHook | None = None
     wall_clock: Callable[[], float] = time.time
+    # Single-use tokens, the call cap, one stream per CallSid: None is this process alone
+    # (InProcessState); a WORKERS worker gets its parent's (bridge/fleet/parent.py).
+    shared: SharedState | None = None
 
 
 class BridgeApp:
@@ -51,13 +58,14 @@ class BridgeApp:
     def __init__(self, settings: Settings, collaborators: Collaborators, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.deps = collaborators
-        self.calls = CallRegistry(settings.max_concurrent_calls)
+        self.calls = CallRegistry[CallSession]()
         self.metrics = metrics or Metrics(live_stats=self._live_stats)
-        self.tokens = TokenLedger()
+        clock = collaborators.wall_clock
+        self.shared = collaborators.shared or InProcessState(settings.max_concurrent_calls, clock=clock)
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
+        self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
         self.call_outcomes: dict[str, CallOutcomeRecord] = {}
         self.quart = build_quart(self)
-        self._sessions: dict[str, CallSession] = {}
         self.idle = trio.Event()
         self.idle.set()
 
@@ -68,19 +76,44 @@ class BridgeApp:
             await self.quart(scope, receive, send)  # type: ignore[arg-type]
 
     def _live_stats(self) -> list[object]:
-        return [s.stats for s in self._sessions.values()]
+        return [s.stats for s in self.calls.live()]
+
+    @property
+    def _sessions(self) -> Mapping[str, CallSession]:
+        return self.calls.by_id
 
     @property
     def active_calls(self) -> int:
-        return len(self._sessions)
+        return len(self.calls)
 
     def start_drain(self) -> None:
         """Stop taking calls: /healthz turns 503, webhooks answer busy, streams are refused."""
         self.calls.start_drain()
 
     def end_all_calls(self, reason: str) -> None:
-        for session in list(self._sessions.values()):
-            session.request_end(reason)
+        self.calls.end_all(reason)
+
+    async def keep_shared_state(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The shared state's background work, for the life of the server (started by serve()
+        before the first connection is accepted). The authority may end a call of ours that a
+        newer stream for its CallSid replaced on another process."""
+        await self.shared.run(self._end_replaced, task_status=task_status)
+
+    def _end_replaced(self, call_id: str, reason: str) -> None:
+        if self.calls.end(call_id, reason):
+            log.info("ending call %s: %s", call_id, reason)
+
+    async def reserve_call(self, token: str, *, expires_at: float) -> str | None:
+        """For the webhook that minted ``token``: hold a slot for its stream until it expires.
+        None when held, else why not ("draining", "at capacity", "shared state unavailable":
+        the webhook then answers the busy TwiML)."""
+        if self.calls.draining:
+            return "draining"
+        try:
+            return None if await self.shared.reserve(token, expires_at=expires_at) else "at capacity"
+        except SharedStateUnavailable as exc:
+            log.error("cannot reserve a call slot: %s", exc)
+            return "shared state unavailable"
 
     # --- the Media Streams route ------------------------------------------------------------
 
@@ -93,60 +126,51 @@ class BridgeApp:
         raw_path = bytes(scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         query = bytes(scope.get("query_string") or b"").decode("latin-1")
         phone = AsgiPhoneSocket(receive, send)
-        admitted = self.admit_stream(raw_path + (f"?{query}" if query else ""), scope.get("headers", ()), phone)
+        admitted = await self.admit_stream(raw_path + (f"?{query}" if query else ""), scope.get("headers", ()), phone)
         if isinstance(admitted, int):
             await reject(send, admitted)
             return
         await send({"type": "websocket.accept"})
         await self.run_call(admitted)
 
-    def admit_stream(
+    async def admit_stream(
         self, target: str, headers: Iterable[tuple[bytes, bytes]], phone: MessageSocket
     ) -> CallSession | int:
-        """Check a Media Streams upgrade (signature, token, replay, capacity) before it is
-        accepted. Returns the admitted call, or the HTTP status to refuse it with (403 or 503)."""
+        """Check a Media Streams upgrade before it is accepted (``bridge/call/admission.py``:
+        signature, token, drain, then replay, capacity and the CallSid's live stream with the
+        shared state). Returns the admitted call, or the HTTP status to refuse it with (403 or
+        503). An admitted call's slot is released when :meth:`run_call` ends."""
         raw_path = target.partition("?")[0]
-        signed_url = self.settings.public.ws_url(target)
-        grant_or_reason = self._check_stream(headers, raw_path[len(STREAM_PREFIX) :], signed_url)
-        if isinstance(grant_or_reason, str):
-            self.metrics.rejected_streams.labels(grant_or_reason).inc()
-            log.warning("refused a Media Stream before accept: %s", grant_or_reason)
-            return 403
-        grant = grant_or_reason
+        request = StreamRequest(
+            token=raw_path[len(STREAM_PREFIX) :],
+            signature=header(headers, b"x-twilio-signature"),
+            signed_url=self.settings.public.ws_url(target),
+        )
         call_id = "c-" + secrets.token_hex(4)
-        session = CallSession(self._call_setup(call_id, grant), phone, self.deps.connect_agent)
-        if not self.calls.admit(grant.token, call_id, session, now=self.deps.wall_clock()):
-            self.metrics.rejected_streams.labels("capacity").inc()
-            log.warning("refused a Media Stream: at capacity (%d calls) or draining", self.calls.max_calls)
-            return 503
-        return session
+        decision = await admit(self.gate, request, call_id=call_id, draining=self.calls.draining)
+        if isinstance(decision, Refused):
+            self.metrics.rejected_streams.labels(decision.reason).inc()
+            why = decision.detail or decision.reason
+            log.warning("refused a Media Stream before accept (%d): %s", decision.status, why)
+            return decision.status
+        if decision.replaces is not None:
+            self._end_replaced(decision.replaces, "a newer stream for its CallSid was admitted")
+        return CallSession(self._call_setup(call_id, decision.grant), phone, self.deps.connect_agent)
 
     async def run_call(self, session: CallSession) -> None:
         """Run an admitted call to its end (the socket is accepted by now)."""
         call_id = session.setup.call_id
-        self._sessions[call_id] = session
+        self.calls.add(call_id, session)
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         try:
             await session.run()
         finally:
-            self._sessions.pop(call_id, None)
-            self.calls.release(call_id)
-            if not self._sessions:
+            self.calls.remove(call_id)
+            with trio.move_on_after(_RELEASE_S, shield=True):
+                await self.shared.release(call_id)
+            if not self.calls:
                 self.idle.set()
                 release_free_memory()
-
-    def _check_stream(self, headers: Iterable[tuple[bytes, bytes]], token: str, signed_url: str) -> StreamGrant | str:
-        if self.signatures is not None:
-            signature = header(headers, b"x-twilio-signature")
-            if not self.signatures.valid(signed_url, {}, signature):
-                return "bad signature" if signature else "missing signature"
-        now = self.deps.wall_clock()
-        grant = check_token(self.settings.stream_token_secret, token, now=now)
-        if isinstance(grant, str):
-            return f"token {grant}"
-        if not self.tokens.claim(grant, now=now):
-            return "token replayed"
-        return grant
 
     def _call_setup(self, call_id: str, grant: StreamGrant) -> CallSetup:
         s = self.settings

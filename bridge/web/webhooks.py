@@ -65,15 +65,17 @@ async def verified_form(app: BridgeApp, route: str) -> tuple[dict[str, str], Res
     app.metrics.webhooks.labels(route, "ok").inc()
     return {k: form.get(k, "") for k in form}, None
 
-def stream_twiml(app: BridgeApp, form: dict[str, str], direction: Literal["inbound", "outbound"]) -> Response:
+async def stream_twiml(app: BridgeApp, form: dict[str, str], direction: Literal["inbound", "outbound"]) -> Response:
     s = app.settings
     call_sid = form.get("CallSid", "")
     now = app.deps.wall_clock()
     if not _CALL_SID.fullmatch(call_sid):  # match() + $ would accept a trailing newline
         return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
     token = mint_token(s.stream_token_secret, call_sid, direction, now=now, ttl_s=s.stream_token_ttl_s)
-    if not app.calls.reserve(token, expires_at=now + s.stream_token_ttl_s, now=now):
-        log.warning("call %s refused: %s", call_sid, "draining" if app.calls.draining else "at capacity")
+    # The slot is held by the shared state, so the cap holds across WORKERS (bridge/fleet/).
+    refused = await app.reserve_call(token, expires_at=now + s.stream_token_ttl_s)
+    if refused is not None:
+        log.warning("call %s refused: %s", call_sid, refused)
         return _xml(twiml.say_and_hang_up(s.busy_message))
     params = {"CallSid": call_sid, "From": form.get("From", ""), "To": form.get("To", ""), "Direction": direction}
     document = twiml.connect_stream(
@@ -100,12 +102,12 @@ def build_quart(app: BridgeApp) -> QuartTrio:
     @quart.post("/twiml")
     async def inbound_twiml() -> Response:
         form, refusal = await verified_form(app, "/twiml")
-        return refusal or stream_twiml(app, form, "inbound")
+        return refusal or await stream_twiml(app, form, "inbound")
 
     @quart.post("/outbound-twiml")
     async def outbound_twiml() -> Response:
         form, refusal = await verified_form(app, "/outbound-twiml")
-        return refusal or stream_twiml(app, form, "outbound")
+        return refusal or await stream_twiml(app, form, "outbound")
 
     @quart.post("/call-status")
     async def call_status() -> Response:
