@@ -11,7 +11,7 @@ UTF-8, frames over the size limit, and anything after the connection stopped bei
 wsproto still decides every protocol error and every state change, and trio-websocket's
 behaviour (the 1009 for an oversized message, close handshakes, pings) is unchanged.
 
-Sans-IO: bytes in, events out; tested against wsproto itself (``tests/test_wsframing.py``).
+Sans-IO: bytes in, events out; tested against wsproto itself (``tests/test_framing.py``).
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _at_frame_boundary(ws: WSConnection) -> bool:
     """True when wsproto holds no partial frame or message and no event (the next byte it would
     get starts a frame).
 
-    Reads wsproto's private state (1.3, pinned; ``tests/test_wsframing.py`` checks it still works):
+    Reads wsproto's private state (1.3, pinned; ``tests/test_framing.py`` checks it still works):
     if the layout ever changes this says False and everything simply stays with wsproto.
     """
     try:

@@ -10,7 +10,7 @@ reader at each socket read, a writer on its empty channel. Its framing is
 :class:`bridge.net.framing.FastFraming` over wsproto. BENCHMARKS.md has what each bought.
 
 The connection is built as ``wrap_client_stream``/``wrap_server_stream`` build theirs
-(trio-websocket 0.12, pinned; ``tests/test_wsconn.py`` runs both against trio-websocket's own).
+(trio-websocket 0.12, pinned; ``tests/test_websocket.py`` runs both against trio-websocket's own).
 """
 
 from __future__ import annotations
