@@ -29,12 +29,14 @@ DEFAULT_OUTBOUND_GREETING = "Hi, this is an automated assistant calling. Do you 
 DEFAULT_VOICE = "ivy"
 DEFAULT_FALLBACK_MESSAGE = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 DEFAULT_BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes."
+DEFAULT_RECORDS_URL = "sqlite:///data/calls.sqlite3"  # relative to the working directory
 
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # fullmatch: "$" would accept a trailing newline
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _VOICE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _MODULE = re.compile(r"^[A-Za-z_][\w.]*$")
 _HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a <Parameter name=...> of the stream
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _TOKEN_SECRET_LABEL = b"voice-agent-bridge/stream-token/v1"
@@ -110,6 +112,13 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     console_token: str | None = field(default=None, repr=False)
     console_session_secret: bytes | None = field(default=None, repr=False)
+    records: bool = True
+    records_url: str = DEFAULT_RECORDS_URL
+    records_retention_days: int = 30
+    record_redact: tuple[str, ...] = ()
+    record_webhook_url: str | None = None
+    record_webhook_secret: str | None = field(default=None, repr=False)
+    record_audio: bool = False
     warnings: tuple[str, ...] = ()
 
     @property
@@ -125,6 +134,8 @@ class Settings:
             values.append(self.console_token)
         if self.console_session_secret:
             values.append(self.console_session_secret.decode())
+        if self.record_webhook_secret:
+            values.append(self.record_webhook_secret)
         return tuple(v for v in values if v)
 
     def describe(self) -> list[str]:
@@ -261,6 +272,34 @@ def from_env(
             '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
         )
 
+    records_url = r.text("RECORDS_URL", DEFAULT_RECORDS_URL)
+    if not (records_url.startswith("sqlite:///") and len(records_url) > 10) and not records_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError(
+            f"RECORDS_URL={records_url!r} is not a database URL: use RECORDS_URL={DEFAULT_RECORDS_URL} "
+            "or RECORDS_URL=postgresql://user:password@host/dbname"
+        )
+    record_redact = tuple(n.strip() for n in r.text("RECORD_REDACT", "").split(",") if n.strip())
+    if any(not _PARAM_NAME.fullmatch(n) for n in record_redact):
+        raise ConfigError(
+            "RECORD_REDACT must be comma-separated custom parameter names: use e.g. RECORD_REDACT=From,To,AccountPin"
+        )
+    webhook_url = r.optional("RECORD_WEBHOOK_URL")
+    if webhook_url and (not webhook_url.startswith(("https://", "http://")) or not _hostname(webhook_url)):
+        raise ConfigError(
+            f"RECORD_WEBHOOK_URL={webhook_url!r} is not an http(s) URL: use e.g. "
+            "RECORD_WEBHOOK_URL=https://example.com/call-records"
+        )
+    webhook_secret = r.optional("RECORD_WEBHOOK_SECRET")
+    if webhook_secret is not None and len(webhook_secret) < 16:
+        raise ConfigError(
+            "RECORD_WEBHOOK_SECRET is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+        )
+    if webhook_url and not webhook_secret:
+        warnings.append("RECORD_WEBHOOK_URL is set without RECORD_WEBHOOK_SECRET: the records it gets are not signed.")
+
     return Settings(
         assemblyai_api_key=api_key,
         public=public,
@@ -302,6 +341,13 @@ def from_env(
         log_format="json" if log_format == "json" else "text",
         console_token=console_token,
         console_session_secret=session_secret.encode() if session_secret else None,
+        records=r.boolean("RECORDS", True),
+        records_url=records_url,
+        records_retention_days=r.integer("RECORDS_RETENTION_DAYS", 30, 0, 36_500),
+        record_redact=record_redact,
+        record_webhook_url=webhook_url,
+        record_webhook_secret=webhook_secret,
+        record_audio=r.boolean("RECORD_AUDIO", False),
         warnings=tuple(warnings),
     )
 
