@@ -29,6 +29,9 @@ DEFAULT_OUTBOUND_GREETING = "Hi, this is an automated assistant calling. Do you 
 DEFAULT_VOICE = "ivy"
 DEFAULT_FALLBACK_MESSAGE = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 DEFAULT_BUSY_MESSAGE = "Sorry, all of our lines are busy right now. Please call again in a few minutes."
+DEFAULT_VOICEMAIL_MESSAGE = (
+    "Hello, this is an automated assistant calling. Sorry we missed you; we will try again later. Goodbye."
+)
 DEFAULT_RECORDS_URL = "sqlite:///data/calls.sqlite3"  # relative to the working directory
 
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")  # fullmatch: "$" would accept a trailing newline
@@ -40,6 +43,8 @@ _PARAM_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # a <Parameter name=...> of 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _TOKEN_SECRET_LABEL = b"voice-agent-bridge/stream-token/v1"
+_TWILIO_REGION = re.compile(r"[a-z]{2}[0-9]")  # us1, ie1, au1, ... (fullmatch)
+_TWILIO_EDGE = re.compile(r"[a-z][a-z0-9-]{1,30}")  # ashburn, dublin, sao-paulo, ... (fullmatch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,24 @@ class PublicBase:
     def ws_url(self, path: str) -> str:
         """The URL Twilio opens (and signs) for a Media Stream at ``path``."""
         return f"{'wss' if self.secure else 'ws'}://{self.host}{self.prefix}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioApi:
+    """Where Twilio's REST API is: the default host, a region/edge (data residency), or a
+    replacement base URL (a fake API in tests). At most one of ``base_url`` and region/edge."""
+
+    region: str | None = None
+    edge: str | None = None
+    base_url: str | None = None  # no trailing slash
+
+    @property
+    def host(self) -> str:
+        """The API's host name as Twilio's SDK builds it (``api.{edge}.{region}.twilio.com``)."""
+        if self.base_url:
+            return urlsplit(self.base_url).netloc
+        region = self.region or ("us1" if self.edge else None)  # the SDK's rule
+        return ".".join(p for p in ("api", self.edge, region, "twilio.com") if p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +142,17 @@ class Settings:
     record_webhook_url: str | None = None
     record_webhook_secret: str | None = field(default=None, repr=False)
     record_audio: bool = False
+    twilio_api: TwilioApi = TwilioApi()
+    amd: bool = True
+    amd_wait_s: float = 4.0
+    voicemail_message: str = DEFAULT_VOICEMAIL_MESSAGE
+    keypad_tool: bool = True
+    dtmf_to_agent: bool = False
+    idle_reprompt_s: float = 8.0
+    idle_hangup_s: float = 15.0
+    recovery: bool = True
+    recovery_s: float = 5.0
+    recovery_context_chars: int = 4000
     warnings: tuple[str, ...] = ()
 
     @property
@@ -348,8 +382,62 @@ def from_env(
         record_webhook_url=webhook_url,
         record_webhook_secret=webhook_secret,
         record_audio=r.boolean("RECORD_AUDIO", False),
+        twilio_api=parse_twilio_api(r),
+        amd=r.boolean("AMD", True),
+        amd_wait_s=r.number("AMD_WAIT_S", 4.0, 0.0, 60.0),
+        voicemail_message=r.text("VOICEMAIL_MESSAGE", DEFAULT_VOICEMAIL_MESSAGE),
+        keypad_tool=r.boolean("KEYPAD_TOOL", True),
+        dtmf_to_agent=r.boolean("DTMF_TO_AGENT", False),
+        idle_reprompt_s=r.number("IDLE_REPROMPT_S", 8.0, 0.0, 3600.0),
+        idle_hangup_s=r.number("IDLE_HANGUP_S", 15.0, 0.0, 3600.0),
+        recovery=r.boolean("RECOVERY", True),
+        recovery_s=r.number("RECOVERY_S", 5.0, 0.5, 60.0),
+        recovery_context_chars=r.integer("RECOVERY_CONTEXT_CHARS", 4000, 0, 100_000),
         warnings=tuple(warnings),
     )
+
+
+def parse_twilio_api(r: EnvReader | Mapping[str, str]) -> TwilioApi:
+    """Read ``TWILIO_REGION``, ``TWILIO_EDGE`` and ``TWILIO_API_BASE`` (pure; ConfigError)."""
+    r = r if isinstance(r, EnvReader) else EnvReader(r)
+    region = r.optional("TWILIO_REGION")
+    edge = r.optional("TWILIO_EDGE")
+    base = r.optional("TWILIO_API_BASE")
+    if region is not None and not _TWILIO_REGION.fullmatch(region):
+        raise ConfigError(f"TWILIO_REGION={region!r} is not a Twilio region: use e.g. TWILIO_REGION=ie1 (or us1, au1)")
+    if edge is not None and not _TWILIO_EDGE.fullmatch(edge):
+        raise ConfigError(
+            f"TWILIO_EDGE={edge!r} is not a Twilio edge: use e.g. TWILIO_EDGE=dublin (or sydney, ashburn)"
+        )
+    if region is not None and edge is None:
+        # api.{region}.twilio.com host names were retired in 2026 (reference twilio.md 6b).
+        raise ConfigError(
+            f"TWILIO_REGION={region} needs TWILIO_EDGE too: set e.g. TWILIO_EDGE=dublin for ie1, sydney for au1"
+        )
+    if base is None:
+        return TwilioApi(region=region, edge=edge)
+    if region is not None or edge is not None:
+        raise ConfigError(
+            "TWILIO_API_BASE replaces the whole REST URL: unset TWILIO_REGION and TWILIO_EDGE, or TWILIO_API_BASE"
+        )
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path.strip("/")
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        raise ConfigError(
+            f"TWILIO_API_BASE={base!r} is not a base URL: use e.g. TWILIO_API_BASE=http://127.0.0.1:8123"
+        )
+    return TwilioApi(base_url=base.rstrip("/"))
 
 
 def parse_public_base(r: EnvReader | Mapping[str, str]) -> tuple[PublicBase, str | None]:
