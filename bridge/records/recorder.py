@@ -73,10 +73,14 @@ class Records:
         recorder = self._live.get(call_sid)
         return recorder.snapshot() if recorder is not None else None
 
+    def live_records(self) -> list[dict[str, Any]]:
+        """The records so far of the live calls, newest first."""
+        records = [r.snapshot() for r in self._live.values()]
+        return sorted(records, key=lambda r: str(r["started_at"]), reverse=True)
+
     def live_summaries(self) -> list[dict[str, Any]]:
         """Summaries of the live calls, newest first."""
-        records = [summary(r.snapshot()) for r in self._live.values()]
-        return sorted(records, key=lambda s: s["started_at"] or "", reverse=True)
+        return [summary(r) for r in self.live_records()]
 
     def live_count(self) -> int:
         return len(self._live)

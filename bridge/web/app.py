@@ -31,6 +31,7 @@ from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavaila
 from bridge.observe import Metrics, release_free_memory
 from bridge.phone.security import SignatureChecker, StreamGrant
 from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
+from bridge.web.api import register_api
 from bridge.web.webhooks import CallOutcomeRecord, build_quart
 
 log = logging.getLogger("bridge.web")
@@ -66,6 +67,7 @@ class BridgeApp:
         self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
         self.call_outcomes: dict[str, CallOutcomeRecord] = {}
         self.quart = build_quart(self)
+        register_api(self.quart, self)
         self.idle = trio.Event()
         self.idle.set()
 
