@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from bridge.phone import twiml
 from bridge.phone.security import mint_token
 from bridge.phone.stream import STREAM_PREFIX
+from bridge.web.console import register_console
 
 if TYPE_CHECKING:
     from bridge.web.app import BridgeApp
@@ -167,6 +168,7 @@ def build_quart(app: BridgeApp) -> QuartTrio:
         log.exception("webhook failed: %s", type(exc).__name__)
         return Response("Internal error\n", status=500, mimetype="text/plain")
 
+    register_console(quart, app)
     return quart
 
 
