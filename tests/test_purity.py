@@ -28,6 +28,7 @@ PURE_MODULES = [
     "bridge.net.framing",
     "bridge.records.facts",
     "bridge.records.record",
+    "bridge.records.report",
     "bridge.console.session",
     "bridge.call.amd",
 ]

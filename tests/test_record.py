@@ -364,3 +364,21 @@ def test_summary_of_a_record() -> None:
     feed(b, GREETING + barge_in_reply())
     s = rc.summary(b.build(105.0))
     assert (s["call_sid"], s["turn_count"], s["interrupted_count"], s["live"]) == (SID, 3, 1, True)
+
+
+def test_the_report_shows_latencies_and_said_vs_heard() -> None:
+    from bridge.records.report import format_record
+
+    b = builder()
+    feed(b, GREETING + barge_in_reply())
+    b.fact(fx.ToolStarted("t", "lookup", {}, 104.5))
+    b.fact(fx.ToolFinished("t", "found it", False, 104.6))
+    b.fact(fx.CallEnded("caller_hung_up", "stop", 105.0))
+    b.finish(105.0)
+    text = format_record(b.build(105.0))
+    assert "agent (first audio 500 ms): Hello, how can I help?" in text
+    assert "agent (response 450 ms) [interrupted]: I can book a table for you tonight." in text
+    assert "heard (500 ms): I can" in text
+    assert "caller: Can you book a table?" in text
+    assert "tool lookup ok in 100 ms: found it" in text
+    assert "outcome caller_hung_up" in text and "said 1.50 s, heard 1.00 s" in text
