@@ -53,7 +53,14 @@ def _serve(*, check_only: bool) -> int:
         print("Configuration OK:")
         print("\n".join(settings.describe()))
         return 0
-    from bridge.workers import PARENT_PID_ENV, WORKER_FD_ENV, bind_public_socket, drain_when_orphaned, run_workers
+    from bridge.workers import (
+        PARENT_PID_ENV,
+        WORKER_FD_ENV,
+        bind_public_socket,
+        drain_when_orphaned,
+        run_workers,
+        worker_shared_state,
+    )
 
     worker_fd = os.environ.get(WORKER_FD_ENV)
     try:
@@ -65,6 +72,7 @@ def _serve(*, check_only: bool) -> int:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
     bind = [f"fd://{fd}"]
+    collaborators.shared = worker_shared_state(os.environ)  # a WORKERS worker asks its parent
     app = create_app(settings, collaborators)
 
     async def run() -> int:

@@ -1,13 +1,14 @@
 """The application object: its collaborators, admission of Media Streams calls, the live calls.
 
-The webhooks are in ``bridge/web/webhooks.py``. A stream normally arrives through the front door
+The webhooks are in ``bridge/web/webhooks.py``. A stream arrives only through the front door
 (``bridge/net/front.py``), which calls :meth:`BridgeApp.admit_stream` and :meth:`BridgeApp.run_call`;
-the ASGI route does the same for an upgrade that reaches Hypercorn.
+the ASGI app behind Hypercorn serves HTTP only (Quart refuses a WebSocket scope).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,7 +31,9 @@ from bridge.config import Settings
 from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
 from bridge.observe import Metrics, release_free_memory
 from bridge.phone.security import SignatureChecker, StreamGrant
-from bridge.phone.stream import STREAM_PREFIX, AsgiPhoneSocket, Receive, Scope, Send, header, reject
+from bridge.phone.stream import STREAM_PREFIX, Receive, Scope, Send, header
+from bridge.records.recorder import CallRecorder
+from bridge.records.runtime import open_records
 from bridge.web.api import register_api
 from bridge.web.webhooks import CallOutcomeRecord, build_quart
 
@@ -54,7 +57,7 @@ class Collaborators:
 
 
 class BridgeApp:
-    """The ASGI application: the media-stream WebSocket goes to the raw handler, the rest to Quart."""
+    """The ASGI application (Quart's routes) and the Media Streams calls the front door admits."""
 
     def __init__(self, settings: Settings, collaborators: Collaborators, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -66,16 +69,24 @@ class BridgeApp:
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
         self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
         self.call_outcomes: dict[str, CallOutcomeRecord] = {}
+        # Call records (RECORDS=on): a recorder per call; the store's writer runs in the server.
+        self.records_runtime = open_records(settings, self.metrics, collaborators.wall_clock)
+        self.records = self.records_runtime.records if self.records_runtime else None
+        self.record_store = self.records_runtime.store if self.records_runtime else None
         self.quart = build_quart(self)
         register_api(self.quart, self)
         self.idle = trio.Event()
         self.idle.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"].startswith(STREAM_PREFIX):
-            await self.media_stream(scope, receive, send)
-        else:
-            await self.quart(scope, receive, send)  # type: ignore[arg-type]
+        await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+    async def run_records(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The records' writer tasks (store, webhook) until cancelled; nothing with RECORDS=off."""
+        if self.records_runtime is None:
+            task_status.started()
+            return
+        await self.records_runtime.run(task_status)
 
     def _live_stats(self) -> list[object]:
         return [s.stats for s in self.calls.live()]
@@ -117,24 +128,6 @@ class BridgeApp:
             log.error("cannot reserve a call slot: %s", exc)
             return "shared state unavailable"
 
-    # --- the Media Streams route ------------------------------------------------------------
-
-    async def media_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The same stream reached through Hypercorn (e.g. an upgrade on a reused keep-alive
-        connection; the front door hands new connections to ``phone/stream`` directly)."""
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        raw_path = bytes(scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        query = bytes(scope.get("query_string") or b"").decode("latin-1")
-        phone = AsgiPhoneSocket(receive, send)
-        admitted = await self.admit_stream(raw_path + (f"?{query}" if query else ""), scope.get("headers", ()), phone)
-        if isinstance(admitted, int):
-            await reject(send, admitted)
-            return
-        await send({"type": "websocket.accept"})
-        await self.run_call(admitted)
-
     async def admit_stream(
         self, target: str, headers: Iterable[tuple[bytes, bytes]], phone: MessageSocket
     ) -> CallSession | int:
@@ -153,11 +146,15 @@ class BridgeApp:
         if isinstance(decision, Refused):
             self.metrics.rejected_streams.labels(decision.reason).inc()
             why = decision.detail or decision.reason
-            log.warning("refused a Media Stream before accept (%d): %s", decision.status, why)
+            # The pid tells WORKERS apart in their shared log.
+            log.warning("refused a Media Stream before accept (%d, pid %d): %s", decision.status, os.getpid(), why)
             return decision.status
         if decision.replaces is not None:
             self._end_replaced(decision.replaces, "a newer stream for its CallSid was admitted")
-        return CallSession(self._call_setup(call_id, decision.grant), phone, self.deps.connect_agent)
+        session = CallSession(self._call_setup(call_id, decision.grant), phone, self.deps.connect_agent)
+        if isinstance(session.setup.recorder, CallRecorder):
+            session.setup.recorder.attach_stats(session.stats)  # the record's ``frames``
+        return session
 
     async def run_call(self, session: CallSession) -> None:
         """Run an admitted call to its end (the socket is accepted by now)."""
@@ -210,6 +207,7 @@ class BridgeApp:
             tool_timeout_s=s.tool_timeout_s,
             control=self.deps.control,
             metrics=self.metrics,
+            recorder=self.records.new_call(call_id, grant.direction) if self.records is not None else None,
         )
 
 
