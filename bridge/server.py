@@ -18,8 +18,9 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -27,6 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from bridge.config import Settings
 from bridge.net.front import FrontDoor
+from bridge.phone.stream import Receive, Scope, Send
 from bridge.web import BridgeApp
 
 log = logging.getLogger("bridge.server")
@@ -39,14 +41,46 @@ def hypercorn_config(settings: Settings, *, bind: Sequence[str]) -> Config:
     config.bind = list(bind)  # the private unix socket behind the front door (or a test's own)
     # A Twilio frame is ~300 bytes: anything far bigger is hostile and closes with 1009.
     config.websocket_max_message_size = settings.max_twilio_frame_bytes
-    # Calls are ended by our drain before shutdown starts; only idle keep-alive connections are
-    # left, and Hypercorn would hold the exit this long for them.
+    # Calls are ended by our drain before shutdown starts; only requests in progress are left,
+    # and Hypercorn would hold the exit this long for them.
     config.graceful_timeout = 1.0
-    config.keep_alive_timeout = 75.0  # longer than typical reverse-proxy idle timeouts
+    # One request per connection (Hypercorn adds ``Connection: close`` and closes after it): a
+    # later request on a kept-alive connection, an upgrade say, would reach Hypercorn unseen by
+    # the front door. Every head passes the front door instead, on a fresh connection; webhooks
+    # are a few per call and nginx keeps no upstream connections anyway (deploy/nginx.conf).
+    config.keep_alive_max_requests = 1
+    config.keep_alive_timeout = 75.0  # bounds a request's body wait; longer than proxies' idle timeouts
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     return config
+
+
+_RESPONSE_SEND_S = 10.0  # bounds a shielded response send (Hypercorn shields its own writes too)
+
+
+def close_after_response(app: BridgeApp) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The app as Hypercorn gets it: each HTTP response is sent shielded from cancellation.
+
+    With ``keep_alive_max_requests = 1`` Hypercorn closes the connection inside the send of the
+    response's last part; quart-trio cancels that send's task as soon as Hypercorn reports the
+    request finished (``http.disconnect``), which stops the close at its first checkpoint and
+    leaves the connection open for good (measured: no EOF ever, with or without the client's
+    ``Connection: close``). Shielded, the close completes and the client sees EOF.
+    """
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_shielded(message: dict[str, Any]) -> None:
+            with trio.move_on_after(_RESPONSE_SEND_S, shield=True):
+                await send(message)
+
+        await app(scope, receive, send_shielded)
+
+    return asgi
 
 
 async def drain(app: BridgeApp, settings: Settings) -> None:
@@ -113,7 +147,7 @@ async def serve(
             async def run_hypercorn(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
                 try:
                     await hypercorn_serve(
-                        app,  # type: ignore[arg-type]
+                        close_after_response(app),  # type: ignore[arg-type]
                         config,
                         shutdown_trigger=stop_serving.wait,
                         mode="asgi",

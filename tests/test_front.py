@@ -1,14 +1,18 @@
 """The front door (bridge/net/front.py): request-head parsing and routing (pure), and real
-connections through ``serve``: webhooks spliced to Hypercorn byte for byte, hostile heads, and the
-Media Streams upgrade served by trio-websocket. Also the Hypercorn route for an upgrade that
-reaches Hypercorn anyway."""
+connections through ``serve``: webhooks spliced to Hypercorn byte for byte (one request per
+connection), hostile heads, and the Media Streams upgrade served by trio-websocket, the only
+entry path for a call (an upgrade that reaches Hypercorn is refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
+import re
 import stat
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 import trio
@@ -19,7 +23,7 @@ from bridge.net.front import Replay, parse_head, wants_media_stream
 from bridge.net.websocket import LeanWebSocketConnection
 from bridge.phone.stream import WsPhoneSocket
 from bridge.server import hypercorn_config
-from tests.harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, running_bridge
+from tests.harness import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, Running, running_bridge
 from tools.fake_twilio import CallPlan, FakeTwilio
 
 UPGRADE = (
@@ -130,18 +134,100 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer() -> 
         assert response.startswith(b"HTTP/1.1 200")
 
 
-async def test_two_requests_on_one_keep_alive_connection_are_both_answered() -> None:
+async def read_response(stream: trio.abc.ReceiveStream) -> bytes:
+    received = b""
+    with trio.fail_after(10):
+        while not (b"\r\n\r\n" in received and _complete(received)):
+            data = await stream.receive_some(65536)
+            assert data, received
+            received += data
+    return received
+
+
+async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    rest = b""
+    with trio.fail_after(5):
+        try:
+            while data := await stream.receive_some(65536):
+                rest += data
+        except trio.BrokenResourceError:
+            pass  # reset: we wrote to a connection the bridge had closed
+    return rest
+
+
+async def test_a_keep_alive_request_is_answered_and_the_connection_closed_after_it() -> None:
+    """Hypercorn serves one request per connection, says so, and closes it: so every request
+    head on every connection passes the front door (see the next test)."""
     request = b"GET /healthz HTTP/1.1\r\nHost: bridge.example.com\r\n\r\n"
     async with running_bridge() as bridge:
         stream = await trio.open_tcp_stream("127.0.0.1", bridge.port)
         async with stream:
-            for _ in range(2):
-                await stream.send_all(request)
-                received = b""
-                with trio.fail_after(10):
-                    while not (b"\r\n\r\n" in received and _complete(received)):
-                        received += await stream.receive_some(65536)
-                assert received.startswith(b"HTTP/1.1 200")
+            await stream.send_all(request)
+            response = await read_response(stream)
+            assert response.startswith(b"HTTP/1.1 200")
+            assert b"\r\nconnection: close\r\n" in response.lower()
+            assert await read_to_eof(stream) == b""
+
+
+async def _twiml_then_upgrade(bridge: Running, *, pipelined: bool) -> tuple[bytes, bytes, str]:
+    """A signed /twiml webhook, then on the same connection the signed upgrade for the stream
+    it returned. Returns (webhook response, what came after it, the stream URL)."""
+    call_sid = "CA" + "ab" * 16
+    form = urlencode(bridge.twilio.voice_params(CallPlan(), call_sid)).encode()
+    signature = bridge.twilio.sign(PUBLIC + "/twiml", parse_qsl(form.decode()))
+    webhook = (
+        b"POST /twiml HTTP/1.1\r\nHost: bridge.example.com\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        + f"X-Twilio-Signature: {signature}\r\nContent-Length: {len(form)}\r\n\r\n".encode()
+        + form
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", bridge.port)
+    async with stream:
+        await stream.send_all(webhook)
+        if pipelined:
+            await stream.send_all(_signed_upgrade(bridge, "/media-stream/not-yet-known"))
+        response = await read_response(stream)
+        stream_url = re.search(rb'url="([^"]+)"', response).group(1).decode()  # type: ignore[union-attr]
+        if not pipelined:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(_signed_upgrade(bridge, urlsplit(stream_url).path))
+        return response, await read_to_eof(stream), stream_url
+
+
+def _signed_upgrade(bridge: Running, path: str) -> bytes:
+    signature = bridge.twilio.sign(f"wss://bridge.example.com{path}", {})
+    return UPGRADE.replace(b"/media-stream/tok?x=1", path.encode()).replace(
+        b"Host: h\r\n", f"Host: bridge.example.com\r\nX-Twilio-Signature: {signature}\r\n".encode()
+    )
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_an_upgrade_after_a_webhook_on_one_connection_is_a_call_through_the_front_door(
+    pipelined: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hypercorn 0.18 would serve a second request on a kept-alive connection, an upgrade too
+    (a WSStream for any GET with Upgrade: websocket). It closes the connection after the first
+    response instead, so the upgrade is never served there; the client's next connection, where
+    a real client sends it, passes the front door and is a call with audio."""
+    sockets: list[WsPhoneSocket] = []
+    accepted = WsPhoneSocket.accepted
+
+    def spy(self: WsPhoneSocket, ws: object) -> None:
+        sockets.append(self)
+        accepted(self, ws)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WsPhoneSocket, "accepted", spy)
+    async with running_bridge() as bridge:
+        response, after, stream_url = await _twiml_then_upgrade(bridge, pipelined=pipelined)
+        assert response.startswith(b"HTTP/1.1 200") and b"connection: close" in response.lower()
+        assert after == b""  # no 101 on the webhook's connection
+        assert sockets == [] and bridge.agent.connections_total == 0
+        async with bridge.twilio.open_stream(stream_url, call_sid="CA" + "ab" * 16) as client:
+            await client.send_connected()
+            await client.send_start()
+            with trio.fail_after(10):
+                while json.loads(await client.receive()).get("event") != "media":
+                    pass
+        assert len(sockets) == 1 and bridge.agent.connections_total == 1
 
 
 @pytest.mark.parametrize(
@@ -199,16 +285,15 @@ async def test_hypercorn_private_socket_is_private_and_removed_at_shutdown() -> 
     assert not path.exists() and not path.parent.exists()
 
 
-async def test_a_call_through_hypercorn_still_works() -> None:
-    """An upgrade that reaches Hypercorn (a reused keep-alive connection) is served by the raw
-    ASGI route: a whole call through Hypercorn alone, with the same app."""
+async def test_an_upgrade_that_reaches_hypercorn_is_refused_and_opens_nothing() -> None:
+    """One entry path for Media Streams: the app behind Hypercorn serves no WebSocket."""
     async with running_bridge() as bridge, trio.open_nursery() as nursery:
         config = hypercorn_config(bridge.settings, bind=["127.0.0.1:0"])
         binds = await nursery.start(functools.partial(hypercorn_serve, bridge.app, config, mode="asgi"))  # type: ignore[arg-type]
         twilio = FakeTwilio(http_base=binds[0], public_base=PUBLIC, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
         result = await twilio.call(CallPlan(speed=8.0, hangup_after_s=6.0))
-        assert result.ended_by == "caller" and result.violations == []
-        assert bridge.agent.greeting_audio in result.heard
+        assert result.heard == b"" and result.ended_by != "caller"
+        assert bridge.agent.connections_total == 0 and bridge.app.active_calls == 0
         nursery.cancel_scope.cancel()
 
 

@@ -62,4 +62,11 @@ Other library behaviour relied on that is not a private name, but not documented
   trio-websocket uses only ``client``, ``state``, ``send``, ``receive_data`` and ``events`` of it.
   Guard: ``tests/test_websocket.py`` (lean ends against trio-websocket's own).
 - ``wsproto.WSConnection.connection`` (``framing._at_frame_boundary``). Guard as ``_proto``.
+- Hypercorn 0.18 serves further requests on a kept-alive connection, an upgrade too (its h11
+  protocol builds a WebSocket stream for any ``GET`` with ``Upgrade: websocket``).
+  ``bridge/server.py`` sets ``keep_alive_max_requests = 1`` (public ``Config``) so it closes
+  each connection after one response and every request head passes the front door, and sends
+  responses shielded (``close_after_response``): quart-trio cancels the send in which Hypercorn
+  closes the connection, which left it open for good. Guard:
+  ``tests/test_front.py::test_a_keep_alive_request_is_answered_and_the_connection_closed_after_it``.
 """
