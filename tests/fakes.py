@@ -183,3 +183,34 @@ def ready(session_id: str = "sess_" + "a" * 32) -> dict[str, Any]:
         resume_token="rt",
         config={"output": {"voice": "ivy", "format": {"encoding": "audio/pcmu", "sample_rate": 8000}}},
     )
+
+
+class FakeRecorder:
+    """A call recorder (``bridge.call.ports.CallRecorderPort``) that keeps what it is told."""
+
+    def __init__(self, fail_in: str = "") -> None:
+        self.phone_events: list[Any] = []
+        self.agent_events: list[Any] = []
+        self.facts: list[Any] = []
+        self.finished: list[float] = []
+        self._fail_in = fail_in  # the method that raises, to test that a recorder bug costs no call
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self._fail_in:
+            raise RuntimeError(f"recorder bug in {method}")
+
+    def phone(self, event: Any, now: float) -> None:
+        self._maybe_fail("phone")
+        self.phone_events.append(event)
+
+    def agent(self, event: Any, now: float) -> None:
+        self._maybe_fail("agent")
+        self.agent_events.append(event)
+
+    def fact(self, fact: Any) -> None:
+        self._maybe_fail("fact")
+        self.facts.append(fact)
+
+    def finish(self, now: float) -> None:
+        self._maybe_fail("finish")
+        self.finished.append(now)

@@ -15,6 +15,8 @@ PURE_MODULES = [
     "bridge.phone.media",
     "bridge.agent.events",
     "bridge.call.state",
+    "bridge.call.playback",
+    "bridge.call.ports",
     "bridge.config",
     "bridge.phone.security",
     "bridge.phone.twiml",

@@ -14,7 +14,18 @@ from bridge.agent.tools import ToolRegistry, tool
 from bridge.call.context import CallContext
 from bridge.call.session import AGENT_OUT_FRAMES, CallSession, CallSetup
 from bridge.call.state import CallPolicy, Outcome
-from tests.fakes import CALL_SID, STREAM_SID, AgentConnector, Peer, TwilioScript, ev, payload, ready, socket_pair
+from tests.fakes import (
+    CALL_SID,
+    STREAM_SID,
+    AgentConnector,
+    FakeRecorder,
+    Peer,
+    TwilioScript,
+    ev,
+    payload,
+    ready,
+    socket_pair,
+)
 
 CONFIG = ag.SessionConfig(system_prompt="Be brief.", greeting="Hello!", voice="ivy", tools=())
 
@@ -638,3 +649,62 @@ async def test_the_phone_writer_does_not_close_the_channel_it_reads(
     assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)
     stats = call.session._agent_out_send.statistics()
     assert (stats.open_send_channels, stats.open_receive_channels) == (0, 0)
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+async def test_the_recorder_sees_events_and_facts_but_no_audio(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    from bridge.phone import media as tw
+    from bridge.records import facts
+
+    setup = make_setup()
+    setup.recorder = recorder = FakeRecorder()
+    call = Call(nursery, setup)
+    agent = await call.start()
+    for i in range(3):
+        await call.twilio.send(call.script.media(payload(i)))
+    await agent.send(ev("reply.started", reply_id="r1"))
+    for i in range(7):  # 7 x 37.5 ms: one periodic mark
+        await agent.send(ev("reply.audio", reply_id="r1", data=payload(i, 300)))
+    await agent.send(ev("reply.done", reply_id="r1", status="completed"))
+    frames = await call.twilio_frames()
+    marks = [f["mark"]["name"] for f in frames if f["event"] == "mark"]
+    assert [f["event"] for f in frames] == ["media"] * 7 + ["mark", "mark"]
+    for name in marks:  # Twilio: played
+        await call.twilio.send(call.script.mark(name))
+    await call.twilio.send(call.script.stop())
+    await agent.receive()  # session.end
+    await agent.send(ev("session.ended", session_duration_seconds=3.2, audio_duration_seconds=None))
+    agent.close()
+    await call.done.wait()
+    assert not any(type(e) is tw.Media for e in recorder.phone_events)
+    assert [type(e) for e in recorder.phone_events] == [tw.Connected, tw.Start, tw.Mark, tw.Mark, tw.Stop]
+    assert not any(type(e) is ag.ReplyAudio for e in recorder.agent_events)
+    assert [type(e) for e in recorder.agent_events] == [ag.SessionReady, ag.ReplyStarted, ag.ReplyDone, ag.SessionEnded]
+    assert [type(f) for f in recorder.facts] == [
+        facts.UpstreamOpened,
+        facts.AudioWritten,
+        facts.MarkPlayed,
+        facts.MarkPlayed,
+        facts.UpstreamClosed,
+        facts.CallEnded,
+    ]
+    heard = [(f.reply_id, f.offset_ms, f.heard) for f in recorder.facts if type(f) is facts.MarkPlayed]
+    assert heard == [("r1", 262, True), ("r1", 262, True)]
+    assert recorder.facts[-1].outcome == "caller_hung_up"
+    assert len(recorder.finished) == 1
+
+
+@pytest.mark.parametrize("method", ["phone", "agent", "fact"])
+async def test_a_failing_recorder_costs_no_call(nursery: trio.Nursery, autojump_clock: Any, method: str) -> None:
+    setup = make_setup()
+    setup.recorder = FakeRecorder(fail_in=method)
+    call = Call(nursery, setup)
+    agent = await call.start()
+    await call.twilio.send(call.script.media(payload(1)))
+    await agent.send(ev("reply.started", reply_id="r1"))
+    await agent.send(ev("reply.audio", reply_id="r1", data=payload(2, 300)))
+    assert [e["audio"] for e in await drain(agent)] == [payload(1)]
+    assert [f["event"] for f in await call.twilio_frames()] == ["media"]
+    assert not call.done.is_set()

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.agent import events as ag
+from bridge.call.actions import Fact
 from bridge.call.state import (
     Action,
     CallPolicy,
@@ -33,6 +34,7 @@ from bridge.call.state import (
     Transfer,
 )
 from bridge.phone import media as tw
+from bridge.records.facts import AudioWritten, ClearSent, DtmfPressed, MarkPlayed, ToolFinished, ToolStarted
 
 STREAM_SID = "MZ5d3c0f9a2b7e4c1d8f6a0b3e9c2d7f41"
 CALL_SID = "CA9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d"
@@ -1147,3 +1149,120 @@ def test_media_of_another_track_is_not_sent_as_caller_audio() -> None:
              "media": {"track": "outbound", "chunk": "1", "timestamp": "20", "payload": FRAME}}
     assert quiet(state.on_phone(_tw(frame), 1.0)) == []
     assert state.stats.invalid_twilio == 1 and state.stats.frames_to_agent == 0
+
+
+# --- records: playback marks, heard or flushed (facts contract) -------------------------------------
+
+AUDIO_MS = 37.5  # AGENT_AUDIO: 300 bytes of mu-law
+
+
+def audio_mark(n: int) -> SendPhone:
+    return SendPhone('{"event":"mark","streamSid":"' + STREAM_SID + '","mark":{"name":"audio-' + str(n) + '"}}')
+
+
+def speaking(reply_id: str, frames: int, at: float = 1.0) -> list[Step]:
+    return [A(reply_started(reply_id), at), *(A(reply_audio(reply_id), at + 0.01 * (i + 1)) for i in range(frames))]
+
+
+def facts_of(actions: Sequence[Action]) -> list[Any]:
+    return [a.fact for a in actions if isinstance(a, Fact)]
+
+
+def test_records_a_mark_every_250_ms_of_a_replys_forwarded_audio() -> None:
+    _, out = run([*LIVE, *speaking("r1", 14)], record=True)
+    frames = out[len(LIVE) :]
+    assert facts_of(frames[1]) == [AudioWritten("r1", 1.01)]  # the reply's first audio, once
+    marks = [(i, a) for i, actions in enumerate(frames) for a in actions if a in (audio_mark(1), audio_mark(2))]
+    # 7 chunks of 37.5 ms = 262.5 ms: the mark follows the 7th chunk, then the 14th
+    assert marks == [(7, audio_mark(1)), (14, audio_mark(2))]
+    assert frames[7] == [phone_audio(), audio_mark(1)]
+    assert sum(len(facts_of(actions)) for actions in frames) == 1
+
+
+RECORDED_TABLE: list[Any] = [
+    (
+        "a mark echoed before any clear was heard, at its offset in the reply",
+        [*LIVE, *speaking("r1", 7)],
+        P(mark("audio-1"), 2.0),
+        [MarkPlayed("r1", 262, True, 2.0)],
+    ),
+    (
+        "barge-in flushes the pending marks: their echoes were not heard",
+        [*LIVE, *speaking("r1", 14), A(speech_started(), 1.5)],
+        P(mark("audio-2"), 1.51),
+        [MarkPlayed("r1", 525, False, 1.51)],
+    ),
+    (
+        "a mark echoed before the clear stays heard; the clear is a fact",
+        [*LIVE, *speaking("r1", 14), P(mark("audio-1"), 1.3)],
+        A(speech_started(), 1.5),
+        [ClearSent(1.5)],
+    ),
+    (
+        "the mark at reply.done covers the whole reply",
+        [*LIVE, *speaking("r1", 3), A(reply_done("r1"), 1.2)],
+        P(mark("played-1"), 1.4),
+        [MarkPlayed("r1", 112, True, 1.4)],
+    ),
+    (
+        "a second echo of the same mark is not reported again",
+        [*LIVE, *speaking("r1", 7), P(mark("audio-1"), 2.0)],
+        P(mark("audio-1"), 2.1),
+        [],
+    ),
+    (
+        "a flushed mark's second echo is not reported either",
+        [*LIVE, *speaking("r1", 7), A(speech_started(), 1.5), P(mark("audio-1"), 1.6)],
+        P(mark("audio-1"), 1.7),
+        [],
+    ),
+    (
+        "offsets start again with the next reply",
+        [*LIVE, *speaking("r1", 3), A(reply_done("r1"), 1.2), *speaking("r2", 7, at=2.0)],
+        P(mark("audio-2"), 3.0),
+        [MarkPlayed("r2", 262, True, 3.0)],
+    ),
+    (
+        "the goodbye mark is placed at the end of the goodbye reply",
+        [*LIVE, *speaking("bye", 2), A(tool_call("c1", "end_call"), 1.1), A(reply_done("bye"), 1.2)],
+        P(mark("goodbye-1"), 4.0),
+        [MarkPlayed("bye", 75, True, 4.0)],
+    ),
+    (
+        "a keypad digit",
+        LIVE,
+        P(_tw({"event": "dtmf", "sequenceNumber": "9", "streamSid": STREAM_SID,
+               "dtmf": {"track": "inbound_track", "digit": "7"}}), 1.0),
+        [DtmfPressed("7", 1.0)],
+    ),
+    (
+        "a tool call and its result",
+        [*LIVE, A(tool_call("c1", "lookup", {"order": 42}), 1.0)],
+        done("c1", '{"status":"shipped"}', 1.5),
+        [ToolFinished("c1", '{"status":"shipped"}', False, 1.5)],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "before", "step", "expected"), RECORDED_TABLE, ids=[r[0] for r in RECORDED_TABLE])
+def test_recorded_facts(name: str, before: list[Step], step: Step, expected: list[Any]) -> None:
+    state, _ = run(before, record=True)
+    assert facts_of(step(state)) == expected
+
+
+def test_a_tool_call_is_recorded_when_it_starts() -> None:
+    state, _ = run(LIVE, record=True)
+    assert facts_of(state.on_agent(tool_call("c1", "lookup", {"order": 42}), 1.0)) == [
+        ToolStarted("c1", "lookup", {"order": 42}, 1.0)
+    ]
+
+
+def test_barge_in_sends_the_clear_first_then_says_so() -> None:
+    state, _ = run([*LIVE, *speaking("r1", 3)], record=True)
+    actions = state.on_agent(speech_started(), 1.5)
+    assert quiet(actions) == [CLEAR, Fact(ClearSent(1.5))]
+
+
+def test_records_off_sends_no_periodic_marks_and_no_facts() -> None:
+    _, out = run([*LIVE, *speaking("r1", 30), A(speech_started(), 2.0), P(mark("played-1"), 2.1)])
+    assert all(not isinstance(a, Fact) and a != audio_mark(1) for actions in out for a in actions)

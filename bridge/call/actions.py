@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from bridge.records import facts
+
 
 class Outcome(Enum):
     CALLER_HUNG_UP = "caller_hung_up"
@@ -74,7 +76,14 @@ class Log:
     message: str
 
 
-Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | EndCall | Log
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """Something the call recorder keeps (``setup.recorder.fact``); returned only with records on."""
+
+    fact: facts.Fact
+
+
+Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | EndCall | Log | Fact
 
 
 @dataclass(slots=True)

@@ -28,10 +28,12 @@ from bridge.agent import events as ag
 from bridge.agent.connection import SocketClosed
 from bridge.call import state as st
 from bridge.call.context import CallContext
+from bridge.call.ports import CallRecorderPort
 from bridge.errors import BridgeError, UpstreamError
 from bridge.observe import CallTags, Metrics, call_tags
 from bridge.phone import media as tw
 from bridge.phone import twiml
+from bridge.records import facts
 
 log = logging.getLogger("bridge.call")
 
@@ -102,6 +104,7 @@ class CallSetup:
     control: CallControl | None = None
     metrics: Metrics | None = None
     transfer_announcement: str | None = "Please hold while I transfer your call."
+    recorder: CallRecorderPort | None = None  # None: records off (the hot path does no extra work)
 
 
 @dataclass
@@ -126,7 +129,10 @@ class CallSession:
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.setup = setup
-        self.state = st.CallState(setup.policy, expected_call_sid=setup.expected_call_sid)
+        self.state = st.CallState(
+            setup.policy, expected_call_sid=setup.expected_call_sid, record=setup.recorder is not None
+        )
+        self._recorder = setup.recorder
         self._phone = phone
         self._connect_agent = connect_agent
         self._clock = clock
@@ -188,12 +194,15 @@ class CallSession:
             if metrics:
                 metrics.active_calls.dec()
             summary = self._summarise(started)
+            self._finish_record(summary)
         return summary
 
     # --- the Twilio leg ---------------------------------------------------------------------
 
     async def _phone_rx(self) -> None:
         state, phone, clock, parse, apply = self.state, self._phone, self._clock, tw.parse, self._apply
+        if self._recorder is not None:
+            return await self._phone_rx_recorded()
         while True:
             frame = await phone.receive()
             if frame is None:
@@ -201,8 +210,27 @@ class CallSession:
                 return
             apply(state.on_phone(parse(frame), clock()))
 
+    async def _phone_rx_recorded(self) -> None:
+        """``_phone_rx`` with records on: the recorder also sees every Twilio event but media."""
+        state, phone, clock, parse, apply = self.state, self._phone, self._clock, tw.parse, self._apply
+        media, invalid = tw.Media, tw.InvalidFrame  # hoisted: tested on every frame
+        while True:
+            frame = await phone.receive()
+            now = clock()
+            if frame is None:
+                apply(state.on_phone_closed(now))
+                return
+            event = parse(frame)
+            kind = type(event)
+            if kind is not media and kind is not invalid and (recorder := self._recorder) is not None:
+                try:
+                    recorder.phone(event, now)  # type: ignore[arg-type]
+                except Exception:  # a recorder bug never costs the call: stop recording it
+                    self._recorder_failed()
+            apply(state.on_phone(event, now))
+
     async def _phone_tx(self) -> None:
-        state, phone, clock, recv = self.state, self._phone, self._clock, self._phone_out_recv
+        playback, phone, clock, recv = self.state.playback, self._phone, self._clock, self._phone_out_recv
         try:
             while True:
                 try:
@@ -210,7 +238,7 @@ class CallSession:
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
                 while True:  # then whatever else is queued, without a scheduling pass per frame
-                    if epoch is None or epoch == state.epoch:  # else: queued before a clear, never played
+                    if epoch is None or epoch == playback.epoch:  # else: queued before a clear, never played
                         self._phone_send_since = clock()
                         await phone.send(text)
                         self._phone_send_since = None
@@ -249,6 +277,7 @@ class CallSession:
                 async with trio.open_nursery() as ws_nursery:
                     sock = await self._connect_agent(ws_nursery)
                     self._agent = sock
+                    self._fact(facts.UpstreamOpened(self._clock()))  # billing runs from here
                     if metrics:
                         metrics.upstream_connects.labels("ok").inc()
                         if resume_session_id is not None:
@@ -272,6 +301,7 @@ class CallSession:
                 if sock is not None:
                     with trio.CancelScope(shield=True):
                         await self._retire_agent(sock, say_goodbye=not reader_done)
+                    self._fact(facts.UpstreamClosed(self._clock()))
             if broken:
                 self._apply(self.state.on_agent_connect_failed(self._clock(), "internal error in the agent leg"))
                 return
@@ -359,6 +389,11 @@ class CallSession:
                 return None
             event = parse(frame)
             kind = type(event)
+            if kind is not ag.ReplyAudio and (recorder := self._recorder) is not None and kind is not ag.InvalidEvent:
+                try:
+                    recorder.agent(event, clock())  # type: ignore[arg-type]
+                except Exception:  # a recorder bug never costs the call: stop recording it
+                    self._recorder_failed()
             if kind is ag.ReplyAudio:
                 if self._speech_stopped_at is not None and metrics and state.phase is st.Phase.LIVE:
                     metrics.reply_latency.observe(clock() - self._speech_stopped_at)
@@ -524,6 +559,8 @@ class CallSession:
                 log.log(action.level, action.message)  # type: ignore[union-attr]
             elif kind is st.EndCall:
                 self._begin_end(action)  # type: ignore[arg-type]
+            elif kind is st.Fact:
+                self._fact(action.fact)  # type: ignore[union-attr]
             elif self._nursery is not None:
                 self._spawn(action)
 
@@ -564,6 +601,30 @@ class CallSession:
         level = logging.INFO if action.outcome in _NORMAL_OUTCOMES else logging.WARNING
         log.log(level, "call ending: %s", action.reason)
         self._ended.set()
+
+    def _fact(self, fact: facts.Fact) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            try:
+                recorder.fact(fact)
+            except Exception:  # a recorder bug never costs the call: stop recording it
+                self._recorder_failed()
+
+    def _recorder_failed(self) -> None:
+        log.exception("the call recorder failed: this call is no longer recorded")
+        self._recorder = None
+
+    def _finish_record(self, summary: CallSummary) -> None:
+        """After the call: its end, then the record goes to the store (the recorder's queue)."""
+        recorder = self._recorder
+        if recorder is None:
+            return
+        now = self._clock()
+        try:
+            recorder.fact(facts.CallEnded(summary.outcome.value, summary.reason, now))
+            recorder.finish(now)
+        except Exception:
+            self._recorder_failed()
 
     def _stuck(self, reason: str) -> None:
         self._apply(self.state.end_now(f"call stuck: {reason}", st.Outcome.STUCK))

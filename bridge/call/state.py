@@ -7,9 +7,9 @@ never awaits; time enters only as the ``now`` argument (seconds, any monotonic o
 Invariants:
 - Caller audio goes upstream only while the upstream session is ready (phase LIVE), in order,
   byte-identical, and at most ~real time (a token bucket drops a flood; drops are counted).
-- Agent audio goes to Twilio tagged with the playback epoch; a ``clear`` bumps the epoch, so audio
-  queued before it is never played, and audio of an interrupted reply is dropped.
-- Every mark we send is either pending, or was pending at a ``clear`` (its echo means "flushed").
+- Playback (epoch, marks, the goodbye) is the ``Playback`` sub-machine (``call/playback.py``):
+  audio queued before a ``clear`` is never played, audio of an interrupted reply is dropped, and
+  a mark's echo is told apart as heard or flushed.
 - ``EndCall`` is returned at most once; after it, only the upstream goodbye is still tracked.
 - Tool results follow reference §7: sent when ``reply.done`` is the latest turn event, held
   otherwise (flushed after ``tool_hold_max_s`` as a safety net), discarded when the reply that
@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -32,6 +31,7 @@ from bridge.call.actions import (
     CallStats,
     ConnectAgent,
     EndCall,
+    Fact,
     HangUp,
     Log,
     Outcome,
@@ -40,8 +40,10 @@ from bridge.call.actions import (
     SendPhone,
     Transfer,
 )
+from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
 from bridge.phone import media as tw
+from bridge.records.facts import DtmfPressed, ToolFinished, ToolStarted
 
 END_CALL_TOOL = "end_call"
 TRANSFER_TOOL = "transfer_call"
@@ -55,6 +57,7 @@ __all__ = [
     "CallStats",
     "ConnectAgent",
     "EndCall",
+    "Fact",
     "HangUp",
     "Log",
     "Outcome",
@@ -87,32 +90,23 @@ class CallState:
     __slots__ = (
         "_bucket_at",
         "_bucket_ms",
-        "_cleared_marks",
         "_current_reply",
-        "_end_call_reply",
         "_gate_open",
-        "_goodbye_deadline",
-        "_goodbye_mark",
         "_held_results",
-        "_interrupted",
         "_last_phone_at",
-        "_mark_seq",
-        "_pending_marks",
-        "_playback_mark",
         "_ready_deadline",
         "_resume_attempts",
         "_resume_deadline",
         "_tools",
-        "audio_since_clear",
         "call_sid",
         "custom_parameters",
         "end_reason",
-        "epoch",
         "expected_call_sid",
-        "hanging_up",
         "outcome",
         "phase",
+        "playback",
         "policy",
+        "record",
         "session_id",
         "stats",
         "stream_sid",
@@ -120,37 +114,29 @@ class CallState:
         "upstream_ended",
     )
 
-    def __init__(self, policy: CallPolicy, *, expected_call_sid: str | None = None) -> None:
+    def __init__(self, policy: CallPolicy, *, expected_call_sid: str | None = None, record: bool = False) -> None:
+        """``record``: hand the call recorder its facts (``Fact`` actions); off, none are made."""
         self.policy = policy
+        self.record = record
         self.expected_call_sid = expected_call_sid
         self.phase = Phase.AWAITING_START
         self.stream_sid = ""
         self.call_sid = ""
         self.custom_parameters: dict[str, str] = {}
         self.session_id: str | None = None
-        self.epoch = 0
-        self.audio_since_clear = False
         self.stats = CallStats()
+        self.playback = Playback(self.stats, end_call_deadline_s=policy.end_call_deadline_s, record=record)
         self.outcome: Outcome | None = None
         self.end_reason = ""
         self.transferring = False
-        self.hanging_up = False
         self.upstream_ended = False
         self._ready_deadline: float | None = None
         self._resume_deadline: float | None = None
         self._resume_attempts = 0
         self._current_reply: str | None = None
-        self._interrupted: deque[str] = deque(maxlen=16)
-        self._pending_marks: set[str] = set()
-        self._cleared_marks: set[str] = set()
-        self._mark_seq = 0
-        self._playback_mark: str | None = None  # echoed when the last reply's audio has played
         self._gate_open = True
         self._held_results: list[tuple[str, str, bool, float]] = []
         self._tools: dict[str, _ToolCallState] = {}
-        self._end_call_reply: str | None = None
-        self._goodbye_mark: str | None = None
-        self._goodbye_deadline: float | None = None
         self._bucket_ms = policy.caller_burst_ms
         self._bucket_at = 0.0
         self._last_phone_at: float | None = None
@@ -158,6 +144,16 @@ class CallState:
     @property
     def ending(self) -> bool:
         return self.phase is Phase.ENDING
+
+    @property
+    def epoch(self) -> int:
+        """The playback epoch: agent audio tagged with an older one is never played."""
+        return self.playback.epoch
+
+    @property
+    def hanging_up(self) -> bool:
+        """The goodbye has been played: the ``stop`` that follows is the agent's hang-up."""
+        return self.playback.goodbye is GoodbyePhase.HANGING_UP
 
     # --- Twilio side ----------------------------------------------------------------------------
 
@@ -175,7 +171,7 @@ class CallState:
         if isinstance(event, tw.Start):
             return self._on_start(event, now)
         if isinstance(event, tw.Mark):
-            return self._on_mark(event, now)
+            return self.playback.on_echo(event.name, now)
         if isinstance(event, tw.Stop):
             if self.stream_sid and event.stream_sid != self.stream_sid:
                 return self._invalid_twilio("stop for another streamSid")
@@ -185,7 +181,10 @@ class CallState:
                 return self._end("call hung up after the goodbye", Outcome.AGENT_ENDED)
             return self._end("caller hung up (stop)", Outcome.CALLER_HUNG_UP)
         if isinstance(event, tw.Dtmf):
-            return [Log(logging.INFO, f"caller pressed {event.digit[:8]!r}")]
+            pressed: list[Action] = [Log(logging.INFO, f"caller pressed {event.digit[:8]!r}")]
+            if self.record:
+                pressed.append(Fact(DtmfPressed(event.digit[:8], now)))
+            return pressed
         if isinstance(event, tw.InvalidFrame):
             return self._invalid_twilio(event.reason)
         if isinstance(event, tw.Connected):
@@ -209,7 +208,7 @@ class CallState:
             return self._invalid_twilio("second start message")
         if self.expected_call_sid is not None and event.call_sid != self.expected_call_sid:
             return self._end(f"start callSid {event.call_sid} does not match the stream token", Outcome.REJECTED)
-        self.stream_sid = event.stream_sid
+        self.stream_sid = self.playback.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self.custom_parameters = event.custom_parameters
         self.phase = Phase.CONNECTING
@@ -223,7 +222,7 @@ class CallState:
         if self.policy.outbound and self.policy.greeting_pad_ms > 0:
             # Queued before any agent audio: the callee's audio path opens during this silence.
             pad = tw.silence_payload(self.policy.greeting_pad_ms)
-            actions.append(SendPhone(tw.media_frame(self.stream_sid, pad), self.epoch))
+            actions.append(SendPhone(tw.media_frame(self.stream_sid, pad), self.playback.epoch))
         return actions
 
     def _on_media(self, event: tw.Media, now: float) -> list[Action]:
@@ -260,30 +259,12 @@ class CallState:
         stats.frames_to_agent += 1
         return [SendAgent(ag.input_audio(event.payload), True)]
 
-    def _on_mark(self, event: tw.Mark, now: float) -> list[Action]:
-        name = event.name
-        if name in self._cleared_marks:
-            self._cleared_marks.discard(name)
-            return [Log(logging.DEBUG, f"mark {name} came back flushed by a clear")]
-        if name not in self._pending_marks:
-            return [Log(logging.DEBUG, f"ignored echo of unknown mark {name!r}")]
-        self._pending_marks.discard(name)
-        if name == self._playback_mark:
-            self._playback_mark = None
-            self.audio_since_clear = False  # everything sent has been heard: nothing to barge into
-        if name == self._goodbye_mark:
-            self._goodbye_mark = None
-            self._goodbye_deadline = None
-            self.hanging_up = True
-            return [HangUp("the goodbye was played")]
-        return []
-
     # --- agent side -----------------------------------------------------------------------------
 
     def on_agent(self, event: ag.AgentEvent | ag.InvalidEvent, now: float) -> list[Action]:
         """Decide what a Voice Agent event means for the call."""
         if type(event) is ag.ReplyAudio:
-            return self._on_reply_audio(event, now)
+            return self.playback.on_audio(event, now)
         if self.phase is Phase.ENDING:
             if isinstance(event, ag.SessionEnded):
                 self.upstream_ended = True
@@ -338,21 +319,6 @@ class CallState:
         self.upstream_ended = True
         return self._end(f"could not open the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False)
 
-    def _on_reply_audio(self, event: ag.ReplyAudio, now: float) -> list[Action]:
-        stats = self.stats
-        stats.frames_from_agent += 1
-        if self.phase is Phase.ENDING or not self.stream_sid:
-            return []
-        if event.reply_id in self._interrupted:
-            stats.frames_dropped_interrupted += 1
-            return []
-        if stats.first_audio_at is None:
-            stats.first_audio_at = now
-        self.audio_since_clear = True
-        self._playback_mark = None  # this audio plays after that mark: its echo no longer means "all heard"
-        stats.frames_to_twilio += 1
-        return [SendPhone(tw.media_frame(self.stream_sid, event.data), self.epoch)]
-
     def _on_ready(self, event: ag.SessionReady, now: float) -> list[Action]:
         resumed = self.phase is Phase.RECONNECTING
         self.phase = Phase.LIVE
@@ -386,13 +352,14 @@ class CallState:
         self.stats.turns += 1
         if not self.stream_sid:
             return []
+        playback = self.playback
         if self._current_reply is not None:
-            self._interrupted.append(self._current_reply)
-        actions: list[Action] = [self._clear()]
-        if self.audio_since_clear:
+            playback.interrupt(self._current_reply)
+        barged_in = playback.state is PlaybackState.PLAYING
+        actions = playback.clear(now)
+        if barged_in:
             self.stats.barge_ins += 1
             actions.append(Log(logging.INFO, "caller barged in: playback cleared"))
-        self.audio_since_clear = False
         return actions
 
     def _on_reply_started(self, event: ag.ReplyStarted, now: float) -> list[Action]:
@@ -405,26 +372,19 @@ class CallState:
         if self._current_reply == event.reply_id:
             self._current_reply = None
         if event.interrupted:
-            self._interrupted.append(event.reply_id)
             for call_id, tool in self._tools.items():
                 if tool.reply_id == event.reply_id and not tool.discarded:
                     tool.discarded = True
                     actions.append(Log(logging.INFO, f"tool result for {call_id} discarded: reply interrupted"))
             self._held_results = [r for r in self._held_results if not self._tools[r[0]].discarded]
-            if self._end_call_reply == event.reply_id:
-                self._end_call_reply = None
-                actions.append(Log(logging.INFO, "end_call cancelled: the caller interrupted the goodbye"))
+            actions.extend(self.playback.reply_interrupted(event.reply_id))
             if self.stream_sid:
-                actions.append(self._clear())
+                actions.extend(self.playback.clear(now))
             self._gate_open = False
             return actions
         self._gate_open = True
         actions.extend(self._flush_results())
-        if self._end_call_reply is not None and self._end_call_reply in (event.reply_id, ""):
-            self._end_call_reply = None
-            actions.append(self._send_goodbye_mark(now))
-        elif self.audio_since_clear and self.stream_sid:
-            actions.append(self._send_playback_mark())
+        actions.extend(self.playback.reply_completed(event.reply_id, now))
         return actions
 
     def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
@@ -433,31 +393,38 @@ class CallState:
             return [Log(logging.WARNING, f"duplicate tool.call {event.call_id} ignored")]
         self.stats.tool_calls += 1
         self._tools[event.call_id] = _ToolCallState(self._current_reply)
+        started: list[Action] = []
+        if self.record:
+            started.append(Fact(ToolStarted(event.call_id, event.name, event.arguments or {}, now)))
         if event.arguments is None:
             return [
+                *started,
                 Log(logging.WARNING, f"tool.call {event.name!r} unreadable: {event.arguments_error}"),
                 *self.on_tool_done(event.call_id, _error_json(event.arguments_error or "bad tool call"), True, now),
             ]
         if event.name == END_CALL_TOOL and self.policy.end_call_enabled:
-            self._end_call_reply = self._current_reply or ""
-            if self._current_reply is None:  # asked outside a reply: the goodbye is already queued
-                self._end_call_reply = None
-                actions: list[Action] = [self._send_goodbye_mark(now)]
-            else:
-                actions = []
             return [
+                *started,
                 Log(logging.INFO, "agent asked to end the call: hanging up after the goodbye plays"),
-                *actions,
+                *self.playback.end_call(self._current_reply, now),
                 *self.on_tool_done(event.call_id, '{"ok":true,"note":"the call ends after your goodbye"}', False, now),
             ]
         if event.name == TRANSFER_TOOL and self.policy.transfer_numbers:
             number = event.arguments.get("number") or self.policy.transfer_numbers[0]
             if number not in self.policy.transfer_numbers:
-                return self.on_tool_done(
-                    event.call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
-                )
-            return [Log(logging.INFO, f"agent asked to transfer the call to {number}"), Transfer(event.call_id, number)]
+                return [
+                    *started,
+                    *self.on_tool_done(
+                        event.call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
+                    ),
+                ]
+            return [
+                *started,
+                Log(logging.INFO, f"agent asked to transfer the call to {number}"),
+                Transfer(event.call_id, number),
+            ]
         return [
+            *started,
             Log(logging.INFO, f"tool call {event.name} {_short(event.arguments)}"),
             RunTool(event.call_id, event.name, event.arguments),
         ]
@@ -483,12 +450,13 @@ class CallState:
         if tool is None or tool.done or self.phase is Phase.ENDING:
             return []
         tool.done = True
+        finished: list[Action] = [Fact(ToolFinished(call_id, result, is_error, now))] if self.record else []
         if tool.discarded:
-            return []
+            return finished
         if self._gate_open:
-            return [SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
+            return [*finished, SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
         self._held_results.append((call_id, result, is_error, now))
-        return []
+        return finished
 
     def on_transfer_started(self) -> None:
         """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""
@@ -515,12 +483,7 @@ class CallState:
         started = self.stats.started_at
         if started is not None and now - started >= self.policy.max_call_s:
             return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)
-        actions: list[Action] = []
-        if self._goodbye_deadline is not None and now >= self._goodbye_deadline:
-            self._goodbye_deadline = None
-            self._goodbye_mark = None
-            self.hanging_up = True
-            actions.append(HangUp("the goodbye mark did not come back in time"))
+        actions = self.playback.on_tick(now)
         if self._held_results and now - self._held_results[0][3] >= self.policy.tool_hold_max_s:
             actions.extend(self._flush_results())
         return actions
@@ -537,34 +500,6 @@ class CallState:
         held, self._held_results = self._held_results, []
         return [SendAgent(ag.tool_result(cid, res, is_error=err)) for cid, res, err, _ in held]
 
-    def _clear(self) -> SendPhone:
-        self.epoch += 1
-        self._cleared_marks |= self._pending_marks
-        self._pending_marks = set()
-        self._playback_mark = None
-        if self._goodbye_mark is not None:
-            self._goodbye_mark = None
-            self._goodbye_deadline = None
-        return SendPhone(tw.clear_frame(self.stream_sid))
-
-    def _send_playback_mark(self) -> SendPhone:
-        self._mark_seq += 1
-        name = f"played-{self._mark_seq}"
-        self._pending_marks.add(name)
-        self._playback_mark = name
-        return SendPhone(tw.mark_frame(self.stream_sid, name))
-
-    def _send_goodbye_mark(self, now: float) -> Action:
-        self._mark_seq += 1
-        name = f"goodbye-{self._mark_seq}"
-        self._pending_marks.add(name)
-        self._goodbye_mark = name
-        self._goodbye_deadline = now + self.policy.end_call_deadline_s
-        if not self.stream_sid:
-            self.hanging_up = True
-            return HangUp("end_call before the stream started")
-        return SendPhone(tw.mark_frame(self.stream_sid, name))
-
     def _invalid_twilio(self, reason: str) -> list[Action]:
         self.stats.invalid_twilio += 1
         if self.stats.invalid_twilio <= _MAX_LOGGED_INVALID:
@@ -574,6 +509,7 @@ class CallState:
     def _end(self, reason: str, outcome: Outcome, *, upstream: bool = True) -> list[Action]:
         had_upstream = self.phase in (Phase.CONNECTING, Phase.LIVE, Phase.RECONNECTING)
         self.phase = Phase.ENDING
+        self.playback.stopped = True
         self.outcome = outcome
         self.end_reason = reason
         end_upstream = upstream and had_upstream and not self.upstream_ended
