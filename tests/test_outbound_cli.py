@@ -310,3 +310,57 @@ def test_call_command_does_not_import_the_server() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.stdout.strip() == "[]"
+
+
+# -- answering-machine detection and the REST endpoint (issue 15) ----------------------------
+
+
+async def test_the_call_asks_for_async_amd_by_default(
+    fake: FakeTwilioRest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run_main(fake) == 0
+    [request] = fake.requests
+    assert request.get("MachineDetection") == "DetectMessageEnd"
+    assert request.get("AsyncAmd") == "true"
+    assert request.get("AsyncAmdStatusCallback") == "https://bridge.example.com/amd-status"
+    assert request.get("AsyncAmdStatusCallbackMethod") == "POST"
+    outputs(capsys)
+
+
+@pytest.mark.parametrize(("argv", "env"), [([], {"AMD": "off"}), (["--no-amd"], {}), (["--no-amd"], {"AMD": "on"})])
+async def test_amd_off_or_no_amd_places_the_call_without_detection(
+    fake: FakeTwilioRest, capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
+) -> None:
+    assert await run_main(fake, argv, {**ENV, **env}) == 0
+    [request] = fake.requests
+    for name in ("MachineDetection", "AsyncAmd", "AsyncAmdStatusCallback"):
+        assert request.get(name) is None
+    outputs(capsys)
+
+
+async def test_twilio_api_base_reaches_the_fake_without_an_injected_client(
+    fake: FakeTwilioRest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fake.base_url is not None
+    env = {**ENV, "TWILIO_API_BASE": fake.base_url}
+    with trio.fail_after(20):
+        status = await trio.to_thread.run_sync(functools.partial(main, [], env))
+    assert status == 0 and len(fake.calls) == 1
+    outputs(capsys)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"TWILIO_REGION": "Ireland"}, "TWILIO_REGION='Ireland' is not a Twilio region"),
+        ({"TWILIO_REGION": "ie1"}, "TWILIO_REGION=ie1 needs TWILIO_EDGE too"),
+        ({"TWILIO_API_BASE": "not a url"}, "TWILIO_API_BASE='not a url' is not a base URL"),
+        ({"AMD": "sometimes"}, "AMD='sometimes' is not a boolean"),
+    ],
+)
+def test_bad_endpoint_or_amd_settings_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], says: str
+) -> None:
+    assert main([], {**ENV, **env}, http_client=unreachable()) == 1
+    _, err = outputs(capsys)
+    assert says in one_line(err)

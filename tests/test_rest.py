@@ -6,14 +6,19 @@ import logging
 import re
 import socket
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 import trio
 import trio.testing
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
 
+from bridge.config import TwilioApi
 from bridge.errors import TwilioRestError
 from bridge.phone.rest import TrioHttpClient, TwilioRest
 from tools.fake_twilio_rest import CallRecord, FakeTwilioRest
@@ -397,3 +402,107 @@ async def test_fake_runs_hooks_after_answering(fake: FakeTwilioRest, rest: Twili
         ("redirect", sid, "in-progress"),
         ("hangup", sid, "completed"),
     ]
+
+
+# -- answering-machine detection and where the API is (issue 15) ------------------------------
+
+AMD_URL = "https://bridge.example.com/amd-status"
+
+
+async def test_place_call_asks_for_async_amd_with_its_callback(fake: FakeTwilioRest, rest: TwilioRest) -> None:
+    await place(rest)  # without a callback: no AMD at all
+    sid = await place(rest, amd_status_callback=AMD_URL)
+
+    plain, amd = fake.requests
+    assert [plain.get(k) for k in ("MachineDetection", "AsyncAmd", "AsyncAmdStatusCallback")] == [None] * 3
+    assert amd.get("MachineDetection") == "DetectMessageEnd"
+    assert amd.get("AsyncAmd") == "true"
+    assert amd.get("AsyncAmdStatusCallback") == AMD_URL
+    assert amd.get("AsyncAmdStatusCallbackMethod") == "POST"
+    assert fake.calls[sid].amd_callback == AMD_URL
+
+
+@pytest.mark.parametrize(
+    ("api", "host"),
+    [
+        (TwilioApi(region="ie1", edge="dublin"), "api.dublin.ie1.twilio.com"),
+        (TwilioApi(edge="sydney"), "api.sydney.us1.twilio.com"),
+        (TwilioApi(), "api.twilio.com"),
+    ],
+)
+async def test_region_and_edge_choose_the_regional_endpoint(api: TwilioApi, host: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, json={"sid": "CA" + "b" * 32, "status": "queued"})
+
+    account = "AC" + "3" * 32
+    client = TwilioRest(
+        account, "token", http_client=TrioHttpClient(transport=httpx.MockTransport(handler)), api=api
+    )
+    async with client:
+        await place(client)
+        await client.hang_up("CA" + "b" * 32)
+    assert [r.url.host for r in seen] == [host, host] == [api.host, api.host]
+    assert str(seen[0].url) == f"https://{host}/2010-04-01/Accounts/{account}/Calls.json"
+
+
+async def test_api_base_url_points_the_made_client_at_the_fake(fake: FakeTwilioRest) -> None:
+    assert fake.base_url is not None
+    client = TwilioRest(fake.account_sid, fake.auth_token, api=TwilioApi(base_url=fake.base_url))
+    async with client:
+        sid = await place(client)
+    assert list(fake.calls) == [sid] and client.http_client.api_base == fake.base_url
+
+
+async def test_the_fake_sends_a_signed_amd_callback_after_the_answer(nursery: trio.Nursery) -> None:
+    from twilio.request_validator import RequestValidator
+
+    received: list[tuple[str, dict[str, str], str]] = []
+
+    async def bridge(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        form = dict(urllib.parse.parse_qsl(body.decode()))
+        received.append((str(scope["path"]), form, headers.get(b"x-twilio-signature", b"").decode()))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = config.accesslog = None
+    [local] = await nursery.start(hypercorn_serve, bridge, config)
+    fake = FakeTwilioRest()
+    fake.amd_answered_by, fake.amd_delay_s = "machine_end_beep", 0.2
+    fake.callback_url_map = lambda url: url.replace("https://bridge.example.com", str(local))
+    await nursery.start(fake.serve)
+    client = TwilioRest(fake.account_sid, fake.auth_token, api=TwilioApi(base_url=fake.base_url))
+    async with client:
+        with trio.fail_after(10):
+            sid = await place(client, amd_status_callback=AMD_URL)
+            await fake.callback_sent.wait()
+    [(path, form, signature)] = received
+    assert path == "/amd-status"
+    assert form == {
+        "AccountSid": fake.account_sid,
+        "AnsweredBy": "machine_end_beep",
+        "ApiVersion": "2010-04-01",
+        "CallSid": sid,
+        "MachineDetectionDuration": "2300",
+    }
+    assert RequestValidator(fake.auth_token).validate(AMD_URL, form, signature)  # over the public URL
+    assert [c.status for c in fake.callbacks] == [204]
+    # By hand, e.g. a duplicate, unsigned:
+    assert await fake.send_amd(sid, "human", signed=False) == 204
+    assert received[-1][2] == "" and received[-1][1]["AnsweredBy"] == "human"

@@ -10,6 +10,13 @@ What it does (reference twilio.md §5 and §7):
   it (the call stays live); a call that is not in progress gets 400, code 21220. An unknown Call
   SID gets 404, code 20404, as on the real API.
 - ``GET …/Calls/{CA}.json`` fetches a call.
+- Asynchronous AMD (reference twilio.md 6b): a call created with ``AsyncAmd=true`` and an
+  ``AsyncAmdStatusCallback`` gets, ``amd_delay_s`` after it went live, a POST of the callback
+  signed like every Twilio webhook (``X-Twilio-Signature`` over the callback URL and the form)
+  with ``CallSid``, ``AccountSid``, ``AnsweredBy`` (``amd_answered_by``; None sends nothing, as
+  when detection never finishes) and ``MachineDetectionDuration``. ``MachineDetection`` without
+  a callback URL is accepted, as Twilio does (it only warns, 21262). :meth:`FakeTwilioRest.send_amd`
+  sends one by hand (duplicates, late or unsigned results).
 
 Every request is recorded in :attr:`FakeTwilioRest.requests`. A created call is "queued"; it is
 live ("in-progress") once answered: at once when ``answer_on_create`` is true (the default), else
@@ -32,11 +39,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
+import httpx
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from twilio.request_validator import RequestValidator
 
 DEFAULT_ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 DEFAULT_AUTH_TOKEN = "fake-auth-token-0123456789abcdef"
@@ -46,6 +55,7 @@ _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _CALLS = re.compile(rf"^/{API_VERSION}/Accounts/(?P<account>[^/]+)/Calls\.json$")
 _CALL = re.compile(rf"^/{API_VERSION}/Accounts/(?P<account>[^/]+)/Calls/(?P<call>[^/]+)\.json$")
 _MAX_BODY_BYTES = 1024 * 1024
+_CALLBACK_TIMEOUT_S = 10.0  # Twilio gives a webhook about 15 s; tests should fail faster
 _LIVE = "in-progress"
 _ENDED = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
@@ -73,6 +83,15 @@ class RecordedRequest:
     def get_all(self, name: str) -> list[str]:
         """Every value of form field ``name``, in order."""
         return [v for k, v in self.form if k == name]
+
+
+@dataclass(frozen=True, slots=True)
+class SentCallback:
+    """A callback the fake POSTed: where, what, and the HTTP status it got (0: no answer)."""
+
+    url: str
+    form: Form
+    status: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +127,14 @@ class CallRecord:
     @property
     def live(self) -> bool:
         return self.status == _LIVE
+
+    @property
+    def amd_callback(self) -> str | None:
+        """The ``AsyncAmdStatusCallback`` URL when async AMD was asked for, else None."""
+        fields = _Fields(self.form)
+        if (fields.get("AsyncAmd") or "").lower() != "true" or not fields.get("MachineDetection"):
+            return None
+        return fields.get("AsyncAmdStatusCallback") or None
 
     def resource(self) -> dict[str, Any]:
         """The Call resource JSON as the API returns it."""
@@ -155,6 +182,11 @@ class FakeTwilioRest:
             plain text, like a proxy error page.
         stall_requests: requests are recorded, then never answered (``request_stalled`` is set).
         on_create / on_hangup / on_redirect: hooks run in the server's nursery after the answer.
+        amd_answered_by: the ``AnsweredBy`` the AMD callback reports (None: no callback).
+        amd_delay_s: how long after the call went live the AMD callback is sent.
+        amd_detection_ms: the ``MachineDetectionDuration`` it reports.
+        callback_url_map: turns a callback URL (the bridge's public one) into where to really
+            POST it (e.g. its loopback address); the signature stays over the original URL.
     """
 
     def __init__(
@@ -176,16 +208,71 @@ class FakeTwilioRest:
         self.fail_next_update_with: Failure | None = None
         self.stall_requests = False
         self.request_stalled = trio.Event()
+        self.amd_answered_by: str | None = "human"
+        self.amd_delay_s = 0.5
+        self.amd_detection_ms = 2300
+        self.callback_url_map: Callable[[str], str] = lambda url: url
+        self.callbacks: list[SentCallback] = []
+        self.callback_sent = trio.Event()  # set (and replaced) after every callback
         self.base_url: str | None = None
         self._nursery: trio.Nursery | None = None
 
     # -- test helpers ---------------------------------------------------------------------------
 
     def mark_live(self, call_sid: str) -> None:
-        """The callee answered: the call is "in-progress" (updates are accepted)."""
+        """The callee answered: the call is "in-progress" (updates are accepted). With async AMD
+        asked for, the AMD callback follows ``amd_delay_s`` later (while serving)."""
         call = self.calls[call_sid]
+        was_live = call.live
         call.status = _LIVE
         call.date_updated = formatdate(usegmt=True)
+        if not was_live and call.amd_callback and self.amd_answered_by is not None and self._nursery:
+            self._nursery.start_soon(self._amd_later, call, self.amd_answered_by, self.amd_delay_s)
+
+    async def send_amd(
+        self, call_sid: str, answered_by: str, *, signed: bool = True, detection_ms: int | None = None
+    ) -> int:
+        """POST an AMD result for ``call_sid`` to its ``AsyncAmdStatusCallback`` now and return
+        the HTTP status (0 when the bridge could not be reached in time)."""
+        call = self.calls[call_sid]
+        url = call.amd_callback
+        if url is None:
+            raise ValueError(f"call {call_sid} did not ask for async AMD")
+        ms = self.amd_detection_ms if detection_ms is None else detection_ms
+        form: Form = [
+            ("AccountSid", call.account_sid),
+            ("AnsweredBy", answered_by),
+            ("ApiVersion", API_VERSION),
+            ("CallSid", call.sid),
+            ("MachineDetectionDuration", str(ms)),
+        ]
+        return await self.post_callback(url, form, signed=signed)
+
+    async def post_callback(self, url: str, form: Form, *, signed: bool = True) -> int:
+        """POST a form-encoded callback as Twilio does (signed with the auth token over ``url``)."""
+        headers = {"content-type": "application/x-www-form-urlencoded", "user-agent": "TwilioProxy/1.1"}
+        if signed:
+            if len({key for key, _ in form}) != len(form):
+                raise ValueError("a callback form with repeated keys needs a multidict to sign")
+            signature = RequestValidator(self.auth_token).compute_signature(url, dict(form))
+            headers["x-twilio-signature"] = signature
+        status = 0
+        try:
+            with trio.move_on_after(_CALLBACK_TIMEOUT_S):
+                async with httpx.AsyncClient(trust_env=False) as client:
+                    answer = await client.post(self.callback_url_map(url), content=urlencode(form), headers=headers)
+                    status = answer.status_code
+        except httpx.HTTPError:
+            status = 0
+        self.callbacks.append(SentCallback(url, list(form), status))
+        done, self.callback_sent = self.callback_sent, trio.Event()
+        done.set()
+        return status
+
+    async def _amd_later(self, call: CallRecord, answered_by: str, delay_s: float) -> None:
+        await trio.sleep(delay_s)
+        if call.live:
+            await self.send_amd(call.sid, answered_by)
 
     def end_call(self, call_sid: str, status: str = "completed") -> None:
         """The call ended on the phone side (e.g. the callee hung up)."""

@@ -2,6 +2,9 @@
 
 Twilio dials ``--to`` from ``--from`` and, once answered, fetches ``<public URL>/outbound-twiml``
 from the server, which connects the call to the agent; progress events go to ``/call-status``.
+Unless ``AMD=off`` (or ``--no-amd``), the call asks for asynchronous answering-machine detection,
+whose result Twilio POSTs to ``/amd-status``: the agent's first words wait for it there.
+``TWILIO_REGION`` / ``TWILIO_EDGE`` / ``TWILIO_API_BASE`` choose the REST endpoint.
 This command only talks to Twilio's REST API: it needs the Twilio credentials and the public URL,
 not the AssemblyAI key, and never imports the web server.
 
@@ -19,7 +22,7 @@ from typing import NoReturn
 
 import trio
 
-from bridge.config import EnvReader, check_e164, load_environment, mask, parse_public_base
+from bridge.config import EnvReader, check_e164, load_environment, mask, parse_public_base, parse_twilio_api
 from bridge.errors import ConfigError, TwilioRestError
 from bridge.phone.rest import DEFAULT_STATUS_EVENTS, TrioHttpClient, TwilioRest
 
@@ -61,6 +64,13 @@ def _parser() -> _Parser:
         dest="from_",
         metavar="NUMBER",
         help="your Twilio number, E.164 (default: TWILIO_PHONE_NUMBER)",
+    )
+    parser.add_argument(
+        "--no-amd",
+        dest="amd",
+        action="store_false",
+        default=None,
+        help="do not ask Twilio for answering-machine detection (default: AMD, on)",
     )
     return parser
 
@@ -108,13 +118,15 @@ def main(
             "TWILIO_AUTH_TOKEN", "copy it from the Twilio console and set TWILIO_AUTH_TOKEN=..."
         )
         public, public_warning = parse_public_base(env)
+        api = parse_twilio_api(reader)
+        amd = reader.boolean("AMD", True) if args.amd is None else args.amd
     except ConfigError as exc:
         return _fail(str(exc), token, 1)
     if public_warning:
         # Twilio could not fetch the TwiML: the callee's phone would ring into an error message.
         return _fail(public_warning, token, 1)
 
-    rest = TwilioRest(account_sid, token, http_client=http_client)
+    rest = TwilioRest(account_sid, token, http_client=http_client, api=api)
     try:
         sid = trio.run(
             _place,
@@ -123,6 +135,7 @@ def main(
             from_,
             public.http_url("/outbound-twiml"),
             public.http_url("/call-status"),
+            public.http_url("/amd-status") if amd else None,
         )
     except TwilioRestError as exc:
         return _fail(_describe(exc), token, 1)
@@ -134,7 +147,9 @@ def main(
     return 0
 
 
-async def _place(rest: TwilioRest, to: str, from_: str, url: str, status_callback: str) -> str:
+async def _place(
+    rest: TwilioRest, to: str, from_: str, url: str, status_callback: str, amd_callback: str | None
+) -> str:
     async with rest:
         return await rest.place_call(
             to=to,
@@ -142,6 +157,7 @@ async def _place(rest: TwilioRest, to: str, from_: str, url: str, status_callbac
             url=url,
             status_callback=status_callback,
             status_callback_events=DEFAULT_STATUS_EVENTS,
+            amd_status_callback=amd_callback,
         )
 
 

@@ -13,7 +13,10 @@ SDK's blocking ``requests`` client:
 
 The SDK's bundled ``AsyncTwilioHttpClient`` is aiohttp, which needs asyncio, so it cannot be used.
 The SDK builds URLs on ``https://api.twilio.com``; :class:`TrioHttpClient` rewrites that prefix
-(``api_base``) or takes an httpx transport, which is how tests point it at a fake API.
+(``api_base``, ``TWILIO_API_BASE``) or takes an httpx transport, which is how tests point it at a
+fake API. A region and edge (``TWILIO_REGION`` / ``TWILIO_EDGE``, data residency) are handed to the
+SDK, which then builds ``https://api.{edge}.{region}.twilio.com``; the SDK's own reading of those
+variables from ``os.environ`` stays off (configuration is read once, in ``bridge.config``).
 
 Every failure leaves this module as :class:`bridge.errors.TwilioRestError`: Twilio's own error
 (``status``, ``code``, message) or, for transport failures and deadlines, ``status`` 0 and
@@ -38,6 +41,7 @@ from twilio.http import AsyncHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from bridge.config import TwilioApi
 from bridge.errors import TwilioRestError
 
 TWILIO_API_BASE = "https://api.twilio.com"
@@ -45,6 +49,9 @@ TWILIO_API_BASE = "https://api.twilio.com"
 # and Twilio's own p99 while still bounding a hang-up during a call's teardown.
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 DEFAULT_STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+# Asynchronous AMD (reference twilio.md 6b): the call connects at once and the result comes later;
+# DetectMessageEnd waits for a machine's beep, so a voicemail left then is recorded whole.
+AMD_MODE = "DetectMessageEnd"
 
 _logger = logging.getLogger(__name__)
 # The SDK prefixes Twilio's message with its own ("Unable to create record: <Twilio's message>").
@@ -150,6 +157,8 @@ class TwilioRest:
         account_sid: ``AC…`` of the account placing and controlling calls.
         auth_token: its auth token (used for HTTP Basic auth only; never logged).
         http_client: the HTTP client to use; a :class:`TrioHttpClient` is made when omitted.
+        api: where the API is (``Settings.twilio_api``): a region and edge, or a base URL that
+            the made client rewrites to (an injected client keeps its own ``api_base``).
 
     ``TwilioRest`` owns its HTTP client (also an injected one) and closes it in :meth:`aclose`.
     Every method raises :class:`TwilioRestError` on failure; cancelling one aborts its request.
@@ -161,13 +170,21 @@ class TwilioRest:
         auth_token: str,
         *,
         http_client: TrioHttpClient | None = None,
+        api: TwilioApi | None = None,
     ) -> None:
-        self.http_client = http_client if http_client is not None else TrioHttpClient()
+        api = api or TwilioApi()
+        if http_client is None:
+            http_client = TrioHttpClient(api_base=api.base_url)
+        self.http_client = http_client
+        self.api = api
         # A non-empty ``environment`` stops the SDK from reading os.environ: TWILIO_REGION or
-        # TWILIO_EDGE there would silently rewrite the API host (and mangle a fake one).
+        # TWILIO_EDGE there would silently rewrite the API host (and mangle a fake one). The
+        # configured region and edge are passed explicitly instead.
         self._client = Client(
             account_sid,
             auth_token,
+            region=api.region,
+            edge=api.edge,
             http_client=self.http_client,
             environment={"TWILIO_EDGE": "", "TWILIO_REGION": ""},
         )
@@ -182,6 +199,7 @@ class TwilioRest:
         status_callback_events: Sequence[str] = DEFAULT_STATUS_EVENTS,
         timeout_s: int = 30,
         time_limit_s: int | None = None,
+        amd_status_callback: str | None = None,
     ) -> str:
         """Place an outbound call and return its Call SID (``CA…``).
 
@@ -192,6 +210,9 @@ class TwilioRest:
             status_callback_events: which events to send (repeated ``StatusCallbackEvent``).
             timeout_s: how long Twilio lets the phone ring.
             time_limit_s: the call's maximum length; Twilio's default (4 h) when None.
+            amd_status_callback: ask for asynchronous answering-machine detection
+                (``MachineDetection=DetectMessageEnd``, ``AsyncAmd=true``) with its result
+                POSTed here; None places the call without AMD.
 
         Raises:
             TwilioRestError: Twilio refused the call or could not be reached.
@@ -210,6 +231,13 @@ class TwilioRest:
         }
         if time_limit_s is not None:
             kwargs["time_limit"] = time_limit_s
+        if amd_status_callback is not None:
+            kwargs.update(
+                machine_detection=AMD_MODE,
+                async_amd="true",
+                async_amd_status_callback=amd_status_callback,
+                async_amd_status_callback_method="POST",
+            )
         call = await self._sdk(self._client.calls.create_async(**kwargs))
         sid = getattr(call, "sid", None)
         if not isinstance(sid, str) or not sid:

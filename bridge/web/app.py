@@ -26,6 +26,7 @@ from bridge.call.context import CallContext
 from bridge.call.persona import SessionHook, load_session_hook, resolve_session
 from bridge.call.registry import CallRegistry
 from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup, MessageSocket
+from bridge.call.signals import CallSignals
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
 from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
@@ -69,6 +70,7 @@ class BridgeApp:
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
         self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
         self.call_outcomes: dict[str, CallOutcomeRecord] = {}
+        self.call_signals = CallSignals()  # out-of-band news per CallSid (the AMD result)
         # Call records (RECORDS=on): a recorder per call; the store's writer runs in the server.
         self.records_runtime = open_records(settings, self.metrics, collaborators.wall_clock)
         self.records = self.records_runtime.records if self.records_runtime else None

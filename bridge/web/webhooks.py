@@ -1,7 +1,7 @@
 """The webhooks: Quart-Trio routes for Twilio's HTTP callbacks, health and metrics.
 
 Routes: ``POST /twiml``, ``POST /outbound-twiml``, ``POST /call-status``, ``POST /stream-status``,
-``GET /healthz``, ``GET /metrics``. Thin: each validates (signature against the configured public
+``POST /amd-status``, ``GET /healthz``, ``GET /metrics``. Thin: each validates (signature against the configured public
 URL, never the Host header) and hands off to the app.
 """
 
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from bridge.call.amd import parse_answered_by
+from bridge.call.signals import AmdResult
 from bridge.phone import twiml
 from bridge.phone.security import mint_token
 from bridge.phone.stream import STREAM_PREFIX
@@ -142,6 +144,35 @@ def build_quart(app: BridgeApp) -> QuartTrio:
         level = logging.WARNING if event == "stream-error" else logging.INFO
         error = form.get("StreamError", "")
         log.log(level, "call %s stream %s%s", form.get("CallSid", "?"), event or "?", f": {error}" if error else "")
+        return Response("", status=204)
+
+    @quart.post("/amd-status")
+    async def amd_status() -> Response:
+        # Twilio's asynchronous answering-machine result (reference twilio.md 6b): kept for the
+        # CallSid and handed to its live call, whose session decides (bridge.call.amd).
+        form, refusal = await verified_form(app, "/amd-status")
+        if refusal:
+            return refusal
+        call_sid = form.get("CallSid", "")
+        if not _CALL_SID.fullmatch(call_sid):
+            app.metrics.webhooks.labels("/amd-status", "bad_request").inc()
+            return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
+        raw = form.get("AnsweredBy", "")[:40]
+        answered_by = parse_answered_by(raw)
+        if answered_by is None:
+            # Still 204: Twilio would retry a 4xx/5xx, and a retry would say the same.
+            log.warning("call %s: AMD result with an undocumented AnsweredBy %r: ignored", call_sid, raw)
+            return Response("", status=204)
+        duration = form.get("MachineDetectionDuration", "")
+        detection_ms = int(duration) if duration.isascii() and duration.isdigit() and len(duration) <= 9 else None
+        delivered = app.call_signals.publish(AmdResult(call_sid, answered_by.value, detection_ms))
+        log.info(
+            "call %s answered by %s%s%s",
+            call_sid,
+            answered_by.value,
+            f" (detected in {detection_ms} ms)" if detection_ms is not None else "",
+            "" if delivered else " (no live stream for it yet: kept)",
+        )
         return Response("", status=204)
 
     @quart.get("/healthz")
