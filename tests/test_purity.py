@@ -33,6 +33,9 @@ PURE_MODULES = [
     "bridge.records.report",
     "bridge.console.session",
     "bridge.call.amd",
+    "bridge.call.keypad",
+    "bridge.call.idle",
+    "bridge.call.recovery",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent
