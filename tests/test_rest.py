@@ -506,3 +506,21 @@ async def test_the_fake_sends_a_signed_amd_callback_after_the_answer(nursery: tr
     # By hand, e.g. a duplicate, unsigned:
     assert await fake.send_amd(sid, "human", signed=False) == 204
     assert received[-1][2] == "" and received[-1][1]["AnsweredBy"] == "human"
+
+
+async def test_the_servers_rest_client_uses_the_configured_endpoint() -> None:
+    from bridge.config import from_env
+    from bridge.web.app import default_collaborators
+
+    env = {
+        "ASSEMBLYAI_API_KEY": "aai_0123456789abcdef",
+        "HOSTNAME": "https://bridge.example.com",
+        "TWILIO_ACCOUNT_SID": "AC" + "4" * 32,
+        "TWILIO_AUTH_TOKEN": "0123456789abcdef0123456789abcdef",
+        "TWILIO_REGION": "au1",
+        "TWILIO_EDGE": "sydney",
+    }
+    control = default_collaborators(from_env(env)).control
+    assert isinstance(control, TwilioRest)
+    async with control:
+        assert control.api == TwilioApi(region="au1", edge="sydney")

@@ -228,7 +228,7 @@ def default_collaborators(settings: Settings) -> Collaborators:
     if settings.twilio_account_sid and settings.twilio_auth_token:
         from bridge.phone.rest import TwilioRest
 
-        control = TwilioRest(settings.twilio_account_sid, settings.twilio_auth_token)
+        control = TwilioRest(settings.twilio_account_sid, settings.twilio_auth_token, api=settings.twilio_api)
     return Collaborators(
         connect_agent=connect,
         control=control,
