@@ -44,7 +44,7 @@ log = logging.getLogger("bridge.fleet")
 
 MAX_FRAME_BYTES = 4096  # a request is ~250 bytes (a 100-character token, a CallSid, an id)
 REQUEST_DEADLINE_S = 2.0  # the parent answers in well under 1 ms; 2 s of silence means it is gone or stuck
-OUTBOX_FRAMES = 64  # parent -> one worker: its own answers (it awaits each) plus pushes from others
+OUTBOX_FRAMES = 64  # pushes to one worker from the others' admissions (a few per replaced call; full: dropped, logged)
 _MAX_LATE_ADMITS = 1024
 _LENGTH = struct.Struct(">I")
 
@@ -102,14 +102,15 @@ class Authority:
     async def serve_worker(self, holder: str, stream: trio.abc.Stream) -> None:
         """Answer ``holder``'s requests until its socket reaches EOF (or breaks the framing),
         then free every slot it held. Cancellation frees them too. Closes ``stream``."""
-        outbox, pending = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        outbox, pushes = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self._outboxes[holder] = outbox
+        send_lock = trio.Lock()  # answers (from the reader) and pushes (from the pusher) share the socket
         async with stream:
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_write_all, stream, pending)
+                    nursery.start_soon(_write_pushes, stream, pushes, send_lock)
                     try:
-                        await self._read_all(holder, stream, outbox)
+                        await self._read_all(holder, stream, send_lock)
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
@@ -120,7 +121,7 @@ class Authority:
                 log.info("%s has gone: freed %d live call(s) and %d reservation(s); its spent tokens stay spent",
                          holder, freed.calls, freed.reservations)
 
-    async def _read_all(self, holder: str, stream: trio.abc.Stream, outbox: trio.MemorySendChannel[bytes]) -> None:
+    async def _read_all(self, holder: str, stream: trio.abc.Stream, send_lock: trio.Lock) -> None:
         reader = FrameReader()
         while True:
             try:
@@ -134,10 +135,16 @@ class Authority:
             except FrameError as exc:
                 log.error("%s broke the shared-state framing (%s): dropping its connection", holder, exc)
                 return
-            for message in messages:
-                # Applied synchronously, with no await between read and decision: atomic.
-                answer = self.answer(holder, message)
-                await outbox.send(encode(answer))  # our own worker: it waits for this answer
+            # Applied synchronously, with no await between read and decision: atomic. The
+            # answers to one read go back in one write; a worker that stops reading stalls only
+            # its own connection (TCP-like push-back through the socket buffer).
+            answers = b"".join(encode(self.answer(holder, message)) for message in messages)
+            if answers:
+                try:
+                    async with send_lock:
+                        await stream.send_all(answers)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the worker is gone
 
     def answer(self, holder: str, message: dict[str, Any]) -> dict[str, Any]:
         """Apply one request to the ledger (pure but for pushes to other workers' outboxes)."""
@@ -178,11 +185,14 @@ class Authority:
             log.warning("could not tell %s to end call %s (replaced by a newer stream)", holder, call_id)
 
 
-async def _write_all(stream: trio.abc.Stream, pending: trio.MemoryReceiveChannel[bytes]) -> None:
-    async with pending:
-        async for frame in pending:
+async def _write_pushes(
+    stream: trio.abc.Stream, pushes: trio.MemoryReceiveChannel[bytes], send_lock: trio.Lock
+) -> None:
+    async with pushes:
+        async for frame in pushes:
             try:
-                await stream.send_all(frame)
+                async with send_lock:
+                    await stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the worker is gone: the reader sees EOF and frees its slots
 
