@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import trio
 
-from bridge.agent.connection import SocketClosed
+from bridge.call.ports import SocketClosed
 
 STREAM_SID = "MZ" + "5d3c0f9a2b7e4c1d8f6a0b3e9c2d7f41"
 CALL_SID = "CA" + "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d"
@@ -18,13 +18,18 @@ ACCOUNT_SID = "AC" + "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
 
 class MemorySocket:
-    """The bridge's end of an in-memory WebSocket."""
+    """The bridge's end of an in-memory WebSocket: the whole socket port
+    (``bridge.call.ports.MessageSocket``). Pings are answered at once unless ``answer_pings``
+    is cleared (a peer that stopped answering); ``abort`` cuts it like a dropped TCP stream."""
 
     def __init__(self, incoming: trio.MemoryReceiveChannel[str | bytes], outgoing: trio.MemorySendChannel[str]):
         self._incoming = incoming
         self._outgoing = outgoing
         self.closed = False
+        self.aborted = False
         self.close_code: int | None = None
+        self.answer_pings = True
+        self.pings = 0
 
     async def receive(self) -> str | bytes | None:
         try:
@@ -47,8 +52,21 @@ class MemorySocket:
             self._outgoing.close()
             self._incoming.close()
 
+    async def ping(self) -> None:
+        if self.closed:
+            raise SocketClosed("closed")
+        self.pings += 1
+        if not self.answer_pings:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+
+    async def abort(self) -> None:
+        if not self.closed:
+            self.aborted = True
+            await self.aclose(1006)
+
     def describe_close(self) -> str:
-        return "closed"
+        return "connection lost" if self.aborted else "closed"
 
 
 @dataclass

@@ -506,7 +506,7 @@ async def test_a_silent_twilio_socket_ends_the_call(nursery: trio.Nursery, autoj
     assert {"type": "session.end"} in await drain(agent)
 
 
-async def test_an_upstream_that_stops_reading_is_dropped(nursery: trio.Nursery, autojump_clock: Any) -> None:
+async def test_an_upstream_that_stops_reading_is_cut_and_resumed(nursery: trio.Nursery, autojump_clock: Any) -> None:
     call = Call(nursery)
     agent = await call.start()
 
@@ -516,10 +516,38 @@ async def test_an_upstream_that_stops_reading_is_dropped(nursery: trio.Nursery, 
     call.connector.sockets[0].send = never_returns  # type: ignore[method-assign]
     await call.twilio.send(call.script.media(payload(1)))
     t0 = trio.current_time()
-    await call.done.wait()  # in-memory sockets cannot be cut, so the call ends as stuck
-    assert 5.0 <= trio.current_time() - t0 <= 6.5
-    assert call.summary.outcome is Outcome.STUCK
+    second = await resumed(call)
+    assert 5.0 <= trio.current_time() - t0 <= 6.5  # the send deadline
+    assert call.connector.sockets[0].aborted
+    await call.twilio.send(call.script.media(payload(2)))
+    assert [e["audio"] for e in await drain(second)] == [payload(2)]
+    assert not call.done.is_set()
     del agent
+
+
+async def test_an_upstream_that_stops_answering_pings_is_cut_and_resumed(
+    nursery: trio.Nursery, autojump_clock: Any
+) -> None:
+    from bridge.call.session import KEEPALIVE_S, PING_TIMEOUT_S
+
+    call = Call(nursery)
+    await call.start()
+    call.connector.sockets[0].answer_pings = False
+    t0 = trio.current_time()
+    await resumed(call)
+    assert KEEPALIVE_S + PING_TIMEOUT_S <= trio.current_time() - t0 <= KEEPALIVE_S + PING_TIMEOUT_S + 1.0
+    assert call.connector.sockets[0].aborted and not call.done.is_set()
+
+
+async def resumed(call: Call) -> Peer:
+    """Wait for the session to open a second upstream socket; answer its session.resume."""
+    while len(call.connector.peers) < 2:
+        await trio.sleep(0.05)
+    second = call.connector.peers[1]
+    assert await second.receive() == {"type": "session.resume", "session_id": "sess_" + "a" * 32}
+    await second.send(ready())
+    await trio.testing.wait_all_tasks_blocked()
+    return second
 
 
 async def test_a_failed_resume_is_counted_as_failed(nursery: trio.Nursery, autojump_clock: Any) -> None:
@@ -708,3 +736,21 @@ async def test_a_failing_recorder_costs_no_call(nursery: trio.Nursery, autojump_
     assert [e["audio"] for e in await drain(agent)] == [payload(1)]
     assert [f["event"] for f in await call.twilio_frames()] == ["media"]
     assert not call.done.is_set()
+
+
+def test_every_socket_implements_the_whole_port() -> None:
+    """The session calls these without asking (no getattr on sockets); mypy checks the real
+    sockets where they are handed to the session, this checks the fakes as well."""
+    import inspect
+
+    from bridge.agent.connection import AgentSocket
+    from bridge.call.ports import MessageSocket
+    from bridge.phone.stream import WsPhoneSocket
+    from tests.fakes import MemorySocket
+
+    port = {name for name in vars(MessageSocket) if not name.startswith("_")}
+    assert port == {"receive", "send", "ping", "abort", "aclose", "describe_close"}
+    for cls in (AgentSocket, WsPhoneSocket, MemorySocket):
+        for name in port:
+            method = getattr(cls, name)
+            assert inspect.iscoroutinefunction(method) == inspect.iscoroutinefunction(getattr(MessageSocket, name))

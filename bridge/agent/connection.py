@@ -1,5 +1,5 @@
-"""The upstream WebSocket to the Voice Agent API (trio-websocket), behind the message-socket
-interface the call session uses: ``receive() -> str | bytes | None``, ``send(str)``, ``aclose()``.
+"""The upstream WebSocket to the Voice Agent API (trio-websocket), behind the session's socket
+port (``bridge.call.ports.MessageSocket``); trio-websocket's errors are translated here.
 
 We open the TCP (and TLS) stream ourselves and close it ourselves: once the peer has started the
 close handshake, trio-websocket's ``aclose()`` can return without closing the TCP stream
@@ -17,6 +17,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from bridge.call.ports import SocketClosed
 from bridge.errors import UpstreamError
 from bridge.net.tcp import DirectSocketStream
 from bridge.net.websocket import wrap_client
@@ -27,10 +28,6 @@ log = logging.getLogger("bridge.agent")
 # and close frames; our reader always drains it, so a few messages of slack are enough.
 _MESSAGE_QUEUE = 16
 _CLOSE_TIMEOUT_S = 0.5  # polite close handshake; the TCP stream is closed regardless afterwards
-
-
-class SocketClosed(Exception):
-    """Sending on a socket whose peer has gone. Internal to the I/O shell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +41,7 @@ class AgentEndpoint:
 
 
 class AgentSocket:
-    """One open upstream WebSocket. Owned by the call session's agent leg."""
+    """One open upstream WebSocket (a ``MessageSocket``). Owned by the call's agent leg."""
 
     __slots__ = ("_stream", "_ws", "close_code", "close_reason")
 
@@ -97,6 +94,7 @@ class AgentSocket:
             await trio.aclose_forcefully(self._stream)
 
     def describe_close(self) -> str:
+        """``close <code> [reason]``, or ``connection lost`` when no close frame came."""
         if self.close_code is None:
             return "connection lost"
         return f"close {self.close_code}" + (f" {self.close_reason}" if self.close_reason else "")

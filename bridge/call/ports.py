@@ -1,7 +1,8 @@
-"""The interfaces a call session is driven through: the recorder it reports to.
+"""The interfaces a call session is driven through: its two sockets and the recorder.
 
-Pure (no trio): the real implementations live in their own packages, the tests' fakes in
-``tests/fakes.py``.
+Pure (no trio): the real implementations live with their legs (``agent/connection.py``,
+``phone/stream.py``), the tests' in-memory fakes in ``tests/fakes.py``; every one implements
+every method, so the session never asks a socket what it can do.
 """
 
 from __future__ import annotations
@@ -9,8 +10,41 @@ from __future__ import annotations
 from typing import Protocol
 
 from bridge.agent import events as ag
+from bridge.errors import BridgeError
 from bridge.phone import media as tw
 from bridge.records import facts
+
+
+class SocketClosed(BridgeError):
+    """Sending on (or pinging) a socket whose peer has gone. The session takes it as the end of
+    that socket, not as a failure of the call: the reader sees the close and decides."""
+
+
+class MessageSocket(Protocol):
+    """A WebSocket as the session sees it: one reader task, one writer task, nothing else.
+
+    Library errors never cross this interface: a closed socket is ``None`` from ``receive`` and
+    :class:`SocketClosed` from ``send``/``ping``. No method has a deadline of its own; the
+    session owns them.
+    """
+
+    async def receive(self) -> str | bytes | None:
+        """Next message; ``None`` once the socket is closed (``describe_close`` says how)."""
+
+    async def send(self, text: str) -> None:
+        """Send one text message; raises :class:`SocketClosed` when the peer is gone."""
+
+    async def ping(self) -> None:
+        """Ping and wait for the pong; raises :class:`SocketClosed` when the peer is gone."""
+
+    async def abort(self) -> None:
+        """Drop the connection at once, without a close handshake (a peer that stopped reading)."""
+
+    async def aclose(self, code: int = 1000) -> None:
+        """Close politely; idempotent. The caller bounds it (``move_on_after``)."""
+
+    def describe_close(self) -> str:
+        """How the socket closed, for logs and the call's end reason (``close 1011 reason``)."""
 
 
 class CallRecorderPort(Protocol):

@@ -25,15 +25,16 @@ import trio
 import trio_websocket
 
 from bridge.agent import events as ag
-from bridge.agent.connection import SocketClosed
 from bridge.call import state as st
 from bridge.call.context import CallContext
-from bridge.call.ports import CallRecorderPort
+from bridge.call.ports import CallRecorderPort, MessageSocket, SocketClosed
 from bridge.errors import BridgeError, UpstreamError
 from bridge.observe import CallTags, Metrics, call_tags
 from bridge.phone import media as tw
 from bridge.phone import twiml
 from bridge.records import facts
+
+__all__ = ["AgentConnector", "CallControl", "CallSession", "CallSetup", "CallSummary", "MessageSocket", "ToolRunner"]
 
 log = logging.getLogger("bridge.call")
 
@@ -56,19 +57,6 @@ CLOSE_S = 0.25  # closing each socket, shielded
 TICK_S = 0.25  # deadlines are coarse (seconds): 4 wake-ups per call per second are plenty
 REST_DEADLINE_S = 10.0
 SILENCE_FRAME_MS = 20
-
-
-class MessageSocket(Protocol):
-    """A WebSocket as the session sees it (real sockets and in-memory fakes alike)."""
-
-    async def receive(self) -> str | bytes | None:
-        """Next message; ``None`` once the socket is closed."""
-
-    async def send(self, text: str) -> None:
-        """Send one text message; raises ``SocketClosed`` when the peer is gone."""
-
-    async def aclose(self, code: int = 1000) -> None:
-        """Close; idempotent."""
 
 
 AgentConnector = Callable[[trio.Nursery], Awaitable[MessageSocket]]
@@ -183,8 +171,6 @@ class CallSession:
                     await self._goodbye()
                 finally:
                     nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True):
-                        await self._release_phone_writer()
         finally:
             with trio.CancelScope(shield=True):
                 try:
@@ -286,8 +272,7 @@ class CallSession:
                     if resume_session_id is not None:
                         await self._resend_control(sock)
                     ws_nursery.start_soon(self._agent_tx, sock)
-                    if hasattr(sock, "ping"):
-                        ws_nursery.start_soon(self._keepalive, sock)
+                    ws_nursery.start_soon(self._keepalive, sock)
                     retry_reason = await self._agent_rx(sock)
                     reader_done = True
                     ws_nursery.cancel_scope.cancel()
@@ -347,7 +332,7 @@ class CallSession:
         if item is _SESSION_END:
             self._session_end_sent = True
 
-    async def _keepalive(self, sock: Any) -> None:
+    async def _keepalive(self, sock: MessageSocket) -> None:
         """A silent upstream is normal; one that stops answering pings is dead: drop it (resume)."""
         while True:
             await trio.sleep(KEEPALIVE_S)
@@ -383,8 +368,7 @@ class CallSession:
         while True:
             frame = await sock.receive()
             if frame is None:
-                detail = sock.describe_close() if hasattr(sock, "describe_close") else "closed"
-                apply(state.on_agent_closed(clock(), detail))
+                apply(state.on_agent_closed(clock(), sock.describe_close()))
                 self._upstream_gone.set()
                 return None
             event = parse(frame)
@@ -448,14 +432,10 @@ class CallSession:
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
         if stall.cancelled_caught:
-            abort = getattr(sock, "abort", None)
-            if abort is None:
-                self._stuck(f"the Voice Agent did not accept data for {SEND_DEADLINE_S:g} s")
-                return
             # An upstream that stops reading is as good as dropped: cut it and let the reader's
             # close start a resume (the session is kept for 30 s), keeping the caller on the line.
             log.warning("the Voice Agent did not accept data for %g s: dropping the connection", SEND_DEADLINE_S)
-            await abort()
+            await sock.abort()
 
     # --- side tasks -------------------------------------------------------------------------
 
@@ -630,18 +610,6 @@ class CallSession:
         self._apply(self.state.end_now(f"call stuck: {reason}", st.Outcome.STUCK))
 
     # --- teardown -----------------------------------------------------------------------------
-
-    async def _release_phone_writer(self) -> None:
-        """After cancelling the call's tasks: Hypercorn shields its socket writes, so a writer
-        blocked on a Twilio that stopped reading would never finish. Give it ``CLOSE_S``, then
-        drop the connection under it. Shielded by the caller."""
-        with trio.move_on_after(CLOSE_S):
-            await self._phone_tx_done.wait()
-        if not self._phone_tx_done.is_set():
-            log.warning("Twilio is not reading: dropping its connection")
-            abort = getattr(self._phone, "abort", None)
-            if abort is not None:
-                await abort()
 
     async def _goodbye(self) -> None:
         """Tell the agent we are done (``session.end``) and wait, bounded, for it to close."""

@@ -19,7 +19,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
-from bridge.agent.connection import SocketClosed
+from bridge.call.ports import SocketClosed
 
 log = logging.getLogger("bridge.phone")
 
@@ -78,6 +78,22 @@ class WsPhoneSocket:
     async def abort(self) -> None:
         """Drop the TCP connection at once (a Twilio that stopped reading)."""
         await trio.aclose_forcefully(self._stream)
+
+    async def ping(self) -> None:
+        """Ping Twilio and wait for the pong (the caller owns the deadline)."""
+        if self._ws is None:
+            raise SocketClosed("Twilio socket not accepted")
+        try:
+            await self._ws.ping()
+        except (ConnectionClosed, *_GONE) as exc:
+            raise SocketClosed(str(exc)) from exc
+
+    def describe_close(self) -> str:
+        """``close <code> [reason]`` once closed, else ``connection lost``."""
+        reason = self._ws.closed if self._ws is not None else None
+        if reason is None:
+            return "connection lost"
+        return f"close {reason.code}" + (f" {reason.reason}" if reason.reason else "")
 
 
 def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
