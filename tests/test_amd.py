@@ -167,6 +167,20 @@ def test_an_empty_greeting_lets_the_callee_speak_first() -> None:
     assert amd.phase is AmdPhase.GREETED
 
 
+def test_the_agent_hears_the_callee_only_once_greeted() -> None:
+    amd = detector()
+    amd.agent_ready(T0)
+    assert not amd.listening  # a machine's greeting would start a reply by itself
+    amd.result("machine_start", T0 + 1.0)
+    assert not amd.listening
+    amd.result("human", T0 + 2.0)
+    assert amd.listening
+    machine = detector()
+    machine.agent_ready(T0)
+    machine.result("machine_end_beep", T0 + 8.0)
+    assert not machine.listening  # the voicemail is spoken to a machine
+
+
 def test_a_zero_wait_greets_as_soon_as_the_agent_is_up() -> None:
     amd = detector(wait_s=0.0)
     assert amd.agent_ready(T0 + 0.2) == [GREET]

@@ -36,6 +36,7 @@ PURE_MODULES = [
     "bridge.call.keypad",
     "bridge.call.idle",
     "bridge.call.recovery",
+    "bridge.call.conversation",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

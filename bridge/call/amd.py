@@ -18,6 +18,9 @@ Invariants:
   known, later results change nothing. Duplicated results are ignored.
 - After :class:`LeaveVoicemail` or :class:`HangUpNow` the detector is finished: every later
   input returns no action.
+- The agent hears the callee (:attr:`AnsweringMachineDetector.listening`) only once greeted:
+  before, a machine's greeting would make it answer by itself (its voice activity detection
+  starts a reply), so caller audio is held back (dropped and counted by the session).
 """
 
 from __future__ import annotations
@@ -154,6 +157,11 @@ class AnsweringMachineDetector:
         self._wait_until = answered_at + wait_s
         self._machine_until = answered_at + max(wait_s, machine_end_timeout_s)
         self._person_known = False
+
+    @property
+    def listening(self) -> bool:
+        """Whether caller audio may go to the agent (only once a person is assumed there)."""
+        return self.phase is AmdPhase.GREETED
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` must run next, or None when no timer is pending."""

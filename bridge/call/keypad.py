@@ -170,6 +170,11 @@ class Keypad:
         self._current = _Collection(tool_call_id, request, "", now + request.timeout_s)
         return []
 
+    def refuse(self, tool_call_id: str, message: str) -> list[KeypadAction]:
+        """An error result for a ``collect_digits`` call that cannot start (e.g. its arguments
+        could not be read at all); a running collection is not touched."""
+        return [_error(tool_call_id, message)]
+
     def press(self, digit: str, now: float) -> list[KeypadAction]:
         """A Twilio ``dtmf`` event. Anything that is not one keypad key is ignored."""
         if digit not in KEYS:
