@@ -181,6 +181,13 @@ def test_the_tool_definition_matches_the_validation() -> None:
         assert use in description
 
 
+def test_no_user_tool_may_take_the_name() -> None:
+    from bridge.agent.tools import RESERVED_NAMES
+    from bridge.call.keypad import TOOL_NAME
+
+    assert TOOL_NAME == "collect_digits" and TOOL_NAME in RESERVED_NAMES
+
+
 def test_the_tool_is_offered_only_when_asked_for() -> None:
     assert [d["name"] for d in call_control_definitions(True, [])] == ["end_call"]
     names = [d["name"] for d in call_control_definitions(True, ["+14155550100"], keypad=True)]

@@ -108,8 +108,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "__bridge_tool__"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-# Names the call state machine answers itself (bridge/call/state.py); a user tool may not take them.
-RESERVED_NAMES = frozenset({"end_call", "transfer_call"})
+# Names the call core answers itself (bridge/call/state.py, bridge/call/keypad.py); a user tool
+# may not take them.
+RESERVED_NAMES = frozenset({"end_call", "transfer_call", "collect_digits"})
 _MISSING = object()
 
 
