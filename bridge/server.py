@@ -4,10 +4,10 @@ The front door (``bridge/net/front.py``) accepts every connection on the public 
 a WORKERS parent passed down). Media Streams upgrades run there; everything else is handed to
 Hypercorn + Quart-Trio on a private unix socket in a 0700 temporary directory.
 
-SIGTERM (or a first SIGINT): /healthz turns 503, new calls get the busy TwiML, live calls go on
-for up to DRAIN_SECONDS and are then ended cleanly (``session.end`` upstream, stream closed);
-the server stops when the last call is gone. A second SIGINT stops at once (calls still get
-their bounded, shielded goodbye).
+SIGTERM (or a first SIGINT): /readyz turns 503 (/healthz stays 200 until exit), new calls get
+the busy TwiML, live calls go on for up to DRAIN_SECONDS and are then ended cleanly
+(``session.end`` upstream, stream closed); the server stops when the last call is gone. A second
+SIGINT stops at once (calls still get their bounded, shielded goodbye).
 """
 
 from __future__ import annotations

@@ -180,7 +180,9 @@ async def _eventually(check: Callable[[], Awaitable[bool]], timeout_s: float, wh
 
 
 async def _draining(bp: BridgeProcess) -> bool:
-    return (await bp.get("/healthz")).status_code == 503
+    """Not ready (/readyz 503) while still alive (/healthz 200): a drain has started."""
+    ready, health = await bp.get("/readyz"), await bp.get("/healthz")
+    return ready.status_code == 503 and ready.json()["status"] == "draining" and health.status_code == 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +442,7 @@ async def test_draining_process_behind_nginx_does_not_lose_streams(
                 with trio.fail_after(10):
                     live_session = await agent.wait_for_session(1)
                 a.proc.send_signal(signal.SIGTERM)
-                await _eventually(lambda: _draining(a), 2, "A's /healthz to turn 503")
+                await _eventually(lambda: _draining(a), 2, "A's /readyz to turn 503")
 
                 outcomes: list[str] = []
                 for _ in range(6):
@@ -456,7 +458,7 @@ async def test_draining_process_behind_nginx_does_not_lose_streams(
                         outcomes.append("streamed")
                 assert outcomes.count("streamed") >= 3, outcomes
                 assert a.proc.returncode is None  # still draining: its call is live
-                assert (await a.get("/healthz")).status_code == 503
+                assert await _draining(a)  # not ready, still alive
                 metrics_a = (await a.get("/metrics")).text
                 # Streams did land on A and were passed on to B by nginx.
                 assert _metric(metrics_a, "bridge_rejected_streams_total", reason="capacity") >= 1, outcomes
@@ -472,6 +474,7 @@ async def test_draining_process_behind_nginx_does_not_lose_streams(
             # Nothing (e.g. an idle proxy keep-alive connection) holds the stopped server open.
             assert waited < 2.0, f"A exited {waited:.2f} s after its last call ended"
             assert (await b.get("/healthz")).status_code == 200
+            assert (await b.get("/readyz")).json() == {"status": "ok", "active_calls": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,8 +507,8 @@ async def test_sigterm_drains_a_live_call_then_exits_0(tmp_path: Path) -> None:
                 t_signal = time.monotonic()
                 bp.proc.send_signal(signal.SIGTERM)
 
-                # /healthz turns 503 while the call goes on.
-                await _eventually(lambda: _draining(bp), 2, "/healthz to turn 503")
+                # /readyz turns 503 while the call goes on; /healthz stays 200 until exit.
+                await _eventually(lambda: _draining(bp), 2, "/readyz to turn 503")
                 # A new call is told the lines are busy: <Say> + <Hangup/>, no <Connect>.
                 busy = await twilio.post_webhook("/twiml", twilio.voice_params(CallPlan(), new_sid("CA")))
                 assert busy.status_code == 200
@@ -559,7 +562,7 @@ async def test_second_sigint_stops_at_once_with_130(tmp_path: Path) -> None:
                     session = await agent.wait_for_session(1)
                 bp.proc.send_signal(signal.SIGINT)
                 # The first SIGINT drains (30 s allowed for the call)...
-                await _eventually(lambda: _draining(bp), 2, "/healthz to turn 503")
+                await _eventually(lambda: _draining(bp), 2, "/readyz to turn 503")
                 bp.proc.send_signal(signal.SIGINT)
                 code, waited = await _wait_exit(bp, 5)
                 with trio.fail_after(5):

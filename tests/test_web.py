@@ -59,11 +59,12 @@ async def test_call_status_records_outcomes_and_warns_on_unanswered(caplog: pyte
     assert any("status busy" in m and "did not pick up" in m for m in warnings)
 
 
-async def test_draining_server_answers_busy_and_healthz_503() -> None:
+async def test_draining_server_answers_busy_and_is_not_ready_but_alive() -> None:
     async with running_bridge() as bridge:
         bridge.app.start_drain()
         async with httpx.AsyncClient(base_url=bridge.http_base) as http:
-            assert (await http.get("/healthz")).status_code == 503
+            assert (await http.get("/readyz")).status_code == 503
+            assert (await http.get("/healthz")).status_code == 200
         response = await bridge.twilio.post_webhook("/twiml", {"CallSid": CALL_SID, "From": "+1", "To": "+2"})
         assert response.status_code == 200
         assert "<Connect>" not in response.text and "<Hangup" in response.text and "<Say>" in response.text

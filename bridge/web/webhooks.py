@@ -3,10 +3,12 @@
 Routes: ``POST /twiml``, ``POST /outbound-twiml``, ``POST /call-status``, ``POST /stream-status``,
 ``POST /amd-status``, ``GET /healthz``, ``GET /metrics``. Thin: each validates (signature against the configured public
 URL, never the Host header) and hands off to the app.
+``GET /readyz`` (readiness) answers what :func:`readiness` decides.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -94,6 +96,21 @@ async def stream_twiml(app: BridgeApp, form: dict[str, str], direction: Literal[
 
 
 
+def readiness(app: BridgeApp) -> tuple[int, dict[str, object]]:
+    """What ``GET /readyz`` answers: the one place that decides whether to send us calls.
+
+    503 ``draining`` from the first moment of a drain, so a load balancer stops sending webhooks
+    (live calls go on; ``/healthz`` stays 200). 200 ``degraded`` while the shared state is down:
+    new calls are still admitted with the per-instance guarantees. Else 200 ``ok``.
+    """
+    body: dict[str, object] = {"status": "ok", "active_calls": app.active_calls}
+    if app.calls.draining:
+        return 503, body | {"status": "draining"}
+    if not app.shared.up:
+        return 200, body | {"status": "degraded", "shared_state": "down"}
+    return 200, body
+
+
 def _xml(document: str) -> Response:
     return Response(document, status=200, mimetype="text/xml")
 
@@ -177,10 +194,16 @@ def build_quart(app: BridgeApp) -> QuartTrio:
 
     @quart.get("/healthz")
     async def healthz() -> Response:
-        if app.calls.draining:
-            return Response('{"status":"draining"}', status=503, mimetype="application/json")
-        body = f'{{"status":"ok","active_calls":{app.active_calls},"pid":{os.getpid()}}}'
+        # Liveness: 200 until the process exits, also while draining (a restart would cut the
+        # calls the drain is finishing). Readiness is /readyz.
+        status = "draining" if app.calls.draining else "ok"
+        body = f'{{"status":"{status}","active_calls":{app.active_calls},"pid":{os.getpid()}}}'
         return Response(body, status=200, mimetype="application/json")
+
+    @quart.get("/readyz")
+    async def readyz() -> Response:
+        status, body = readiness(app)
+        return Response(json.dumps(body), status=status, mimetype="application/json")
 
     @quart.get("/metrics")
     async def metrics() -> Response:
