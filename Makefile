@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit outbound demo bench clean
+.PHONY: run test lint typecheck unit outbound demo bench image clean
 
 # Says what it does (the first run takes ~30 s): one line, then a dot per line pip prints; pip's
 # whole output goes to $(VENV)/install.log and its end is shown if pip fails. Later runs skip it.
@@ -42,6 +42,9 @@ demo: $(STAMP)  ## offline demo: bridge + fake agent + simulated call -> demo-ca
 
 bench: $(STAMP)  ## load benchmark: writes bench-results/ and prints the table
 	@$(BIN)/python -m tools.loadtest
+
+image:  ## container image with podman (as root): Debian base via debootstrap, then the Containerfile
+	@tools/build_image.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis bench-results demo-call.wav

@@ -284,3 +284,19 @@ def test_ci_has_kubectl() -> None:
     if not os.environ.get("CI"):
         pytest.skip("only CI must have kubectl")
     assert shutil.which("kubectl"), ".ci/run should have put kubectl on PATH"
+
+
+def test_the_pod_user_and_paths_are_the_images() -> None:
+    """Static: the Containerfile's user and working directory are what the pod expects (the image
+    itself is built and checked by tests/test_image.py)."""
+    containerfile = (REPO / "Containerfile").read_text()
+    docs = render(K8S)
+    uid = one(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert re.search(rf"useradd [^\n]*--uid {uid}\b", containerfile)
+    assert re.search(rf"^USER {uid}:{uid}$", containerfile, re.M)
+    workdir = re.findall(r"^WORKDIR (\S+)$", containerfile, re.M)[-1]
+    data_mounts = [m["mountPath"] for m in container(docs)["volumeMounts"] if m["name"] == "data"]
+    # RECORDS_URL's default (sqlite:///data/calls.sqlite3) is relative to the working directory.
+    assert data_mounts == [f"{workdir}/data"]
+    (args,) = {tuple(container(d)["args"]) for _, d in _all_docs()}
+    assert args == ("serve",) and '["serve"]' in containerfile
