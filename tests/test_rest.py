@@ -503,6 +503,7 @@ async def test_the_fake_sends_a_signed_amd_callback_after_the_answer(nursery: tr
     }
     assert RequestValidator(fake.auth_token).validate(AMD_URL, form, signature)  # over the public URL
     assert [c.status for c in fake.callbacks] == [204]
+    assert fake.calls[sid].resource()["answered_by"] == "machine_end_beep"
     # By hand, e.g. a duplicate, unsigned:
     assert await fake.send_amd(sid, "human", signed=False) == 204
     assert received[-1][2] == "" and received[-1][1]["AnsweredBy"] == "human"

@@ -121,6 +121,7 @@ class CallRecord:
     status: str = "queued"
     direction: str = "outbound-api"
     redirects: list[Redirect] = field(default_factory=list)
+    answered_by: str | None = None  # the last AMD result sent (the resource's answered_by)
     date_created: str = field(default_factory=lambda: formatdate(usegmt=True))
     date_updated: str = field(default_factory=lambda: formatdate(usegmt=True))
 
@@ -155,7 +156,7 @@ class CallRecord:
             "price": None,
             "price_unit": "USD",
             "direction": self.direction,
-            "answered_by": None,
+            "answered_by": self.answered_by,
             "api_version": API_VERSION,
             "forwarded_from": None,
             "group_sid": None,
@@ -239,6 +240,7 @@ class FakeTwilioRest:
         if url is None:
             raise ValueError(f"call {call_sid} did not ask for async AMD")
         ms = self.amd_detection_ms if detection_ms is None else detection_ms
+        call.answered_by = answered_by
         form: Form = [
             ("AccountSid", call.account_sid),
             ("AnsweredBy", answered_by),
