@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -45,6 +46,8 @@ _FALSE = {"0", "false", "no", "off"}
 _TOKEN_SECRET_LABEL = b"voice-agent-bridge/stream-token/v1"
 _TWILIO_REGION = re.compile(r"[a-z]{2}[0-9]")  # us1, ie1, au1, ... (fullmatch)
 _TWILIO_EDGE = re.compile(r"[a-z][a-z0-9-]{1,30}")  # ashburn, dublin, sao-paulo, ... (fullmatch)
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,9 @@ class Settings:
     twilio_silence_s: float = 10.0
     workers: int = 1
     drain_seconds: float = 30.0
+    max_pending_connections: int = 256
+    max_pending_per_ip: int = 16
+    trusted_proxies: tuple[IpNetwork, ...] = ()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     console_token: str | None = field(default=None, repr=False)
@@ -371,6 +377,9 @@ def from_env(
         twilio_silence_s=r.number("TWILIO_SILENCE_S", 10.0, 0.5, 600.0),
         workers=r.integer("WORKERS", 1, 1, 64),
         drain_seconds=r.number("DRAIN_SECONDS", 30.0, 0.0, 24 * 3600.0),
+        max_pending_connections=r.integer("MAX_PENDING_CONNECTIONS", 256, 1, 1_000_000),
+        max_pending_per_ip=r.integer("MAX_PENDING_PER_IP", 16, 1, 1_000_000),
+        trusted_proxies=parse_trusted_proxies(r),
         log_level=log_level,
         log_format="json" if log_format == "json" else "text",
         console_token=console_token,
@@ -395,6 +404,23 @@ def from_env(
         recovery_context_chars=r.integer("RECOVERY_CONTEXT_CHARS", 4000, 0, 100_000),
         warnings=tuple(warnings),
     )
+
+
+def parse_trusted_proxies(r: EnvReader | Mapping[str, str]) -> tuple[IpNetwork, ...]:
+    """``TRUSTED_PROXIES``: comma-separated IP addresses or CIDR blocks (pure; ConfigError)."""
+    r = r if isinstance(r, EnvReader) else EnvReader(r)
+    networks: list[IpNetwork] = []
+    for item in (part.strip() for part in r.text("TRUSTED_PROXIES", "").split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"TRUSTED_PROXIES entry {item!r} is not an IP address or CIDR block: "
+                "use e.g. TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8"
+            ) from None
+    return tuple(networks)
 
 
 def parse_twilio_api(r: EnvReader | Mapping[str, str]) -> TwilioApi:

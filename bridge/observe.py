@@ -140,6 +140,16 @@ class Metrics:
         self.rejected_streams = Counter(
             "bridge_rejected_streams", "Media Streams refused before accept", ["reason"], registry=r
         )
+        self.preauth_closed = Counter(
+            "bridge_preauth_closed",
+            "Connections closed before a complete request head: per_ip (MAX_PENDING_PER_IP, the new one) "
+            "or total (MAX_PENDING_CONNECTIONS, the oldest)",
+            ["reason"],
+            registry=r,
+        )
+        self.preauth_pending = Gauge(
+            "bridge_preauth_pending", "Connections that have not sent a complete request head yet", registry=r
+        )
         self.first_audio = Histogram(
             "bridge_time_to_first_agent_audio_seconds",
             "From stream start to the first agent audio sent to Twilio",

@@ -474,7 +474,7 @@ async def test_draining_process_behind_nginx_does_not_lose_streams(
             # Nothing (e.g. an idle proxy keep-alive connection) holds the stopped server open.
             assert waited < 2.0, f"A exited {waited:.2f} s after its last call ended"
             assert (await b.get("/healthz")).status_code == 200
-            assert (await b.get("/readyz")).json() == {"status": "ok", "active_calls": 0}
+            assert (await b.get("/readyz")).json()["status"] == "ok"
 
 
 # --------------------------------------------------------------------------------------------

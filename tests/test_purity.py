@@ -28,6 +28,7 @@ PURE_MODULES = [
     "bridge.agent.schema",
     "bridge.wire",
     "bridge.net.framing",
+    "bridge.net.preauth",
     "bridge.records.facts",
     "bridge.records.record",
     "bridge.records.report",

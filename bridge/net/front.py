@@ -1,7 +1,8 @@
 """The front door: where every connection to the public port enters.
 
-It reads the request head (bounded in size and time). A Media Streams upgrade
-(``GET /media-stream/<token>`` with ``Upgrade: websocket``) is served by trio-websocket and runs
+It reads the request head, bounded in size and time and in how many connections may be waiting
+for theirs (``preauth.py``: ``MAX_PENDING_CONNECTIONS``, ``MAX_PENDING_PER_IP``). A Media Streams
+upgrade (``GET /media-stream/<token>`` with ``Upgrade: websocket``) is served by trio-websocket and runs
 the call (``phone/stream.py`` :class:`WsPhoneSocket`). Anything else, including a head that is
 incomplete, malformed or too big, is handed byte for byte to Hypercorn + Quart-Trio, which serve
 the webhooks on a private unix socket and answer bad requests as before. Hypercorn's
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed
 
+from bridge.net.preauth import PendingConnections, Refused
 from bridge.net.tcp import DirectSocketStream
 from bridge.net.websocket import wrap_server
 from bridge.observe import release_free_memory
@@ -107,6 +109,14 @@ class FrontDoor:
     def __init__(self, app: BridgeApp, hypercorn_socket: str) -> None:
         self._app = app
         self._hypercorn_socket = hypercorn_socket
+        s = app.settings
+        # Keyed by each pending connection's cancel scope: evicting one is cancelling it.
+        self._pending = PendingConnections[trio.CancelScope](
+            max_total=s.max_pending_connections, max_per_peer=s.max_pending_per_ip, trusted=s.trusted_proxies
+        )
+        app.metrics.preauth_pending.set_function(lambda: len(self._pending))
+        self._closed_per_ip = app.metrics.preauth_closed.labels("per_ip")
+        self._closed_total = app.metrics.preauth_closed.labels("total")
         self._media_streams = 0  # Media Streams connections open (admitted or not)
         self._went_idle = trio.Event()  # the last one has closed: see release_memory_when_idle
 
@@ -114,9 +124,9 @@ class FrontDoor:
         stream = DirectSocketStream(tcp)
         media = False
         try:
-            buffered = await _read_head(stream)
+            buffered = await self._read_pending_head(tcp, stream)
             if not buffered:
-                return  # closed or silent for HEAD_DEADLINE_S (a probe, or a slow-loris): nothing to serve
+                return  # closed, silent for HEAD_DEADLINE_S (a probe, a slow-loris) or over a limit
             head = parse_head(buffered)
             if head is not None and wants_media_stream(head):
                 media = True
@@ -134,6 +144,29 @@ class FrontDoor:
                 self._media_streams -= 1
                 if not self._media_streams and not self._app.active_calls:
                     self._went_idle.set()
+
+    async def _read_pending_head(self, tcp: trio.SocketStream, stream: DirectSocketStream) -> bytes:
+        """The request head, read under the pre-auth limits (``preauth.py``); ``b""`` when the
+        connection is refused (its address has too many pending), evicted (the oldest pending
+        when the total is full) or gives no head."""
+        try:
+            peer = tcp.socket.getpeername()
+        except OSError:  # reset before we got to it
+            return b""
+        address = peer[0] if isinstance(peer, tuple) else ""  # "" (a unix socket): counted in the total only
+        with trio.CancelScope() as pending:
+            verdict = self._pending.arrive(pending, address)
+            if isinstance(verdict, Refused):
+                self._closed_per_ip.inc()
+                return b""
+            for oldest in verdict.evict:
+                oldest.cancel()
+                self._closed_total.inc()
+            try:
+                return await _read_head(stream)
+            finally:
+                self._pending.done(pending)
+        return b""  # evicted to make room for a newer connection
 
     async def release_memory_when_idle(self) -> None:
         """Each time the last call's connection has closed, hand freed memory back, and again
