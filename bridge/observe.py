@@ -11,7 +11,6 @@ import contextvars
 import gc
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -98,16 +97,16 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
 # --- metrics ----------------------------------------------------------------------------------
 
 _FRAME_FIELDS = {
-    ("twilio_to_bridge", "received"): "frames_from_twilio",
+    ("phone_to_bridge", "received"): "frames_from_twilio",
     ("bridge_to_agent", "sent"): "frames_to_agent",
     ("agent_to_bridge", "received"): "frames_from_agent",
-    ("bridge_to_twilio", "sent"): "frames_to_twilio",
-    ("twilio_to_agent", "dropped_pre_ready"): "frames_dropped_pre_ready",
-    ("twilio_to_agent", "dropped_flood"): "frames_dropped_flood",
-    ("twilio_to_agent", "dropped_backpressure"): "frames_dropped_backpressure",
-    ("twilio_to_agent", "dropped_resume_gap"): "frames_dropped_gap",
-    ("agent_to_twilio", "dropped_interrupted"): "frames_dropped_interrupted",
-    ("twilio_to_bridge", "invalid"): "invalid_twilio",
+    ("bridge_to_phone", "sent"): "frames_to_twilio",
+    ("phone_to_agent", "dropped_pre_ready"): "frames_dropped_pre_ready",
+    ("phone_to_agent", "dropped_flood"): "frames_dropped_flood",
+    ("phone_to_agent", "dropped_backpressure"): "frames_dropped_backpressure",
+    ("phone_to_agent", "dropped_resume_gap"): "frames_dropped_gap",
+    ("agent_to_phone", "dropped_interrupted"): "frames_dropped_interrupted",
+    ("phone_to_bridge", "invalid"): "invalid_twilio",
     ("agent_to_bridge", "invalid"): "invalid_agent",
 }
 
@@ -124,12 +123,12 @@ class Metrics:
         self.active_calls = Gauge("bridge_active_calls", "Calls streaming right now", registry=r)
         self.calls = Counter("bridge_calls", "Finished calls by outcome", ["outcome"], registry=r)
         self.upstream_connects = Counter(
-            "bridge_upstream_connects", "Voice Agent connect attempts by result", ["result"], registry=r
+            "bridge_agent_connects", "Voice Agent connect attempts by result", ["result"], registry=r
         )
         self.upstream_resumes = Counter(
-            "bridge_upstream_resumes", "Session resume attempts by result", ["result"], registry=r
+            "bridge_agent_resumes", "Session resume attempts by result", ["result"], registry=r
         )
-        self.upstream_errors = Counter("bridge_upstream_errors", "session.error events by code", ["code"], registry=r)
+        self.upstream_errors = Counter("bridge_agent_errors", "session.error events by code", ["code"], registry=r)
         self.barge_ins = Counter("bridge_barge_ins", "Caller barge-ins (playback cleared)", registry=r)
         self.tool_calls = Counter(
             "bridge_tool_calls", "Tool calls by name and outcome", ["tool", "outcome"], registry=r
@@ -222,10 +221,6 @@ class _FrameCollector(Collector):
         for (direction, fate), value in self._metrics.frame_totals().items():
             family.add_metric([direction, fate], value)
         yield family
-
-
-def monotonic() -> float:
-    return time.monotonic()
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -8,6 +8,7 @@ import pytest
 from bridge.call.admission import Admitted, Gate, Refused, StreamRequest, admit
 from bridge.fleet.shared import Admission, EndCall, InProcessState, SharedStateUnavailable
 from bridge.phone.security import SignatureChecker, mint_token
+from tools.fake_twilio import twilio_signature
 
 SECRET = b"admission-test-secret-0123456789"
 AUTH = "0123456789abcdef0123456789abcdef"
@@ -23,7 +24,7 @@ def _gate(state: object, *, signatures: bool = True) -> Gate:
 def _request(token: str, *, signature: str | None = "sign") -> StreamRequest:
     url = URL + token
     if signature == "sign":
-        signature = SignatureChecker(AUTH).sign(url)
+        signature = twilio_signature(AUTH, url)
     return StreamRequest(token, signature, url)
 
 
@@ -63,8 +64,7 @@ async def test_a_good_stream_is_admitted_once_then_refused_as_a_replay() -> None
     [
         (lambda t: _request(t, signature=None), Refused(403, "missing signature")),
         (lambda t: _request(t, signature="bogus"), Refused(403, "bad signature")),
-        (lambda t: StreamRequest(t, SignatureChecker(AUTH).sign(URL + t + "x"), URL + t),
-         Refused(403, "bad signature")),
+        (lambda t: StreamRequest(t, twilio_signature(AUTH, URL + t + "x"), URL + t), Refused(403, "bad signature")),
         (lambda t: _request("garbage"), Refused(403, "token malformed")),
         (lambda t: _request(t[:-1] + ("0" if t[-1] != "0" else "1")), Refused(403, "token bad signature")),
     ],

@@ -91,8 +91,8 @@ async def test_upstream_drop_is_resumed_without_dropping_the_caller(caplog: pyte
                 await session.ended.wait()
             await _no_orphans(bridge)
             metrics = bridge.app.metrics.render().decode()
-            assert 'bridge_upstream_resumes_total{result="ok"} 1.0' in metrics
-            assert 'bridge_upstream_resumes_total{result="failed"}' not in metrics
+            assert 'bridge_agent_resumes_total{result="ok"} 1.0' in metrics
+            assert 'bridge_agent_resumes_total{result="failed"}' not in metrics
             summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("call summary:")][-1]
             assert " resumes=1 " in summary and " gap=" in summary
 

@@ -49,7 +49,7 @@ def _metric(bridge: Running, name: str, **labels: str) -> float:
 
 
 def _invalid_twilio(bridge: Running) -> float:
-    return _metric(bridge, "bridge_frames_total", direction="twilio_to_bridge", fate="invalid")
+    return _metric(bridge, "bridge_frames_total", direction="phone_to_bridge", fate="invalid")
 
 
 async def _eventually(check: Callable[[], bool], limit_s: float = 3.0) -> None:
@@ -356,7 +356,7 @@ async def test_a_flood_of_media_is_dropped_beyond_the_burst_and_the_server_stays
         await _all_clean(bridge)
         flood = next(s for s in bridge.agent.sessions.values() if len(s.input_audio) > 100)
         forwarded = len(flood.input_audio)
-        dropped = _metric(bridge, "bridge_frames_total", direction="twilio_to_agent", fate="dropped_flood")
+        dropped = _metric(bridge, "bridge_frames_total", direction="phone_to_agent", fate="dropped_flood")
         # 2 s of burst plus real time (20 ms per frame), with slack: the rest was dropped and counted.
         assert forwarded <= 100 + (flood_s + 1.0) / 0.02, (forwarded, flood_s)
         assert 5000 - forwarded <= dropped <= 5000 - forwarded + 5  # the healthy call lost nothing

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from bridge.config import from_env
 from bridge.phone.security import SignatureChecker, StreamGrant, check_token, mint_token
+from tools.fake_twilio import twilio_signature
 
 # twilio-python's unit-test vectors (reference §4.1), re-run on 9.13.0.
 TOKEN = "12345"
@@ -35,12 +36,12 @@ def checker() -> SignatureChecker:
 
 
 def test_form_webhook_vector(checker: SignatureChecker) -> None:
-    assert checker.sign(FORM_URL, FORM_PARAMS) == FORM_SIGNATURE
+    assert twilio_signature(TOKEN, FORM_URL, FORM_PARAMS) == FORM_SIGNATURE
     assert checker.valid(FORM_URL, FORM_PARAMS, FORM_SIGNATURE)
 
 
 def test_websocket_upgrade_vector(checker: SignatureChecker) -> None:
-    assert checker.sign(WS_URL) == WS_SIGNATURE
+    assert twilio_signature(TOKEN, WS_URL) == WS_SIGNATURE
     assert checker.valid(WS_URL, {}, WS_SIGNATURE)
     assert checker.valid(WS_URL, None, WS_SIGNATURE)
 
@@ -48,7 +49,7 @@ def test_websocket_upgrade_vector(checker: SignatureChecker) -> None:
 def test_upgrade_signature_does_not_validate_the_https_form(checker: SignatureChecker) -> None:
     """Twilio signs the wss:// URL from the TwiML; an https:// rebuild of it fails (§4.2)."""
     assert not checker.valid("https://agent.example.com/media", {}, WS_SIGNATURE)
-    https_signature = checker.sign("https://agent.example.com/media")
+    https_signature = twilio_signature(TOKEN, "https://agent.example.com/media")
     assert not checker.valid(WS_URL, {}, https_signature)
 
 
@@ -82,7 +83,7 @@ def test_upgrade_signature_does_not_validate_the_https_form(checker: SignatureCh
 def test_url_must_match_except_for_the_port_rule(
     checker: SignatureChecker, signed_url: str, checked_url: str, ok: bool
 ) -> None:
-    signature = checker.sign(signed_url, FORM_PARAMS)
+    signature = twilio_signature(TOKEN, signed_url, FORM_PARAMS)
     assert checker.valid(checked_url, FORM_PARAMS, signature) is ok
 
 

@@ -558,8 +558,8 @@ async def test_a_failed_resume_is_counted_as_failed(nursery: trio.Nursery, autoj
     call = Call(nursery, setup)
     await drop_then_refuse_the_resume(call)
     text = setup.metrics.render().decode()
-    assert 'bridge_upstream_resumes_total{result="failed"} 1.0' in text
-    assert 'bridge_upstream_resumes_total{result="ok"}' not in text
+    assert 'bridge_agent_resumes_total{result="failed"} 1.0' in text
+    assert 'bridge_agent_resumes_total{result="ok"}' not in text
 
 
 async def test_agent_audio_after_the_twilio_writer_ended_still_lets_the_call_end_upstream(

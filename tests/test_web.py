@@ -32,8 +32,8 @@ async def test_healthz_metrics_and_call_outcome() -> None:
             text = (await http.get("/metrics")).text
         assert 'bridge_calls_total{outcome="caller_hung_up"} 1.0' in text
         assert "bridge_active_calls 0.0" in text
-        assert 'bridge_upstream_connects_total{result="ok"} 1.0' in text
-        prefix = 'bridge_frames_total{direction="bridge_to_twilio"'
+        assert 'bridge_agent_connects_total{result="ok"} 1.0' in text
+        prefix = 'bridge_frames_total{direction="bridge_to_phone"'
         sent = [line for line in text.splitlines() if line.startswith(prefix)]
         assert sent and float(sent[0].split()[-1]) > 0
         assert "bridge_time_to_first_agent_audio_seconds_count 1.0" in text

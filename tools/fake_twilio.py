@@ -494,6 +494,17 @@ def _as_pairs(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tup
     return [(str(k), str(v)) for k, v in params]
 
 
+def twilio_signature(
+    auth_token: str, url: str, params: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+) -> str:
+    """The X-Twilio-Signature Twilio sends for `url` (exactly as given) and form `params`
+    (repeated names allowed). The bridge only ever checks signatures; signing is Twilio's side."""
+    multi = _MultiParams()
+    for k, v in _as_pairs(params):
+        multi.setdefault(k, []).append(v)
+    return str(RequestValidator(auth_token).compute_signature(url, multi))
+
+
 def _now_rfc2822() -> str:
     return email.utils.format_datetime(datetime.now(UTC)).replace("-0000", "+0000")
 
@@ -632,10 +643,7 @@ class FakeTwilio:
         """X-Twilio-Signature over `url` (exactly as given) and form `params`."""
         if self.auth_token is None:
             raise FakeTwilioError("no auth token to sign with")
-        multi = _MultiParams()
-        for k, v in _as_pairs(params):
-            multi.setdefault(k, []).append(v)
-        return str(RequestValidator(self.auth_token).compute_signature(url, multi))
+        return twilio_signature(self.auth_token, url, params)
 
     def public_url(self, url_or_path: str) -> str:
         """The public URL Twilio would request (and sign) for a path or absolute URL."""

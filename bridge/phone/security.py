@@ -42,10 +42,6 @@ class SignatureChecker:
         except (TypeError, ValueError, UnicodeError):
             return False
 
-    def sign(self, url: str, params: Mapping[str, Any] | None = None) -> str:
-        """What Twilio would send: for tests and the call simulator."""
-        return str(self._validator.compute_signature(url, params or {}))
-
 
 @dataclass(frozen=True, slots=True)
 class StreamGrant:
