@@ -233,112 +233,22 @@ def from_env(
     if public_warning:
         warnings.append(public_warning)
 
-    voice = r.voice("VOICE", DEFAULT_VOICE)
-    inbound = Persona(
-        system_prompt=r.text("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
-        greeting=r.text("GREETING", DEFAULT_GREETING),
-        voice=voice,
-    )
-    outbound = Persona(
-        system_prompt=r.text("OUTBOUND_SYSTEM_PROMPT", inbound.system_prompt),
-        greeting=r.text("OUTBOUND_GREETING", DEFAULT_OUTBOUND_GREETING),
-        voice=r.voice("OUTBOUND_VOICE", voice),
-    )
-
+    inbound, outbound = _personas(r)
     auth_token = r.optional("TWILIO_AUTH_TOKEN")
-    token_secret_text = r.optional("STREAM_TOKEN_SECRET")
-    if token_secret_text:
-        if len(token_secret_text) < 16:
-            raise ConfigError(
-                "STREAM_TOKEN_SECRET is too short: use at least 16 random characters "
-                '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
-            )
-        token_secret = token_secret_text.encode()
-        token_source = "from STREAM_TOKEN_SECRET"
-    elif auth_token:
-        token_secret = hmac.new(auth_token.encode(), _TOKEN_SECRET_LABEL, hashlib.sha256).digest()
-        token_source = "derived from TWILIO_AUTH_TOKEN"
-    else:
-        token_secret = generate_secret()
-        token_source = "generated at start-up (set STREAM_TOKEN_SECRET to share it between instances)"
+    token_secret, token_source = _stream_token_secret(r, auth_token, generate_secret)
     if not auth_token:
         warnings.append(
             "TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT verified and anyone who finds "
             "this server can open calls. Set TWILIO_AUTH_TOKEN before exposing it to the internet."
         )
 
-    transfer_number = r.e164("TRANSFER_NUMBER")
-    allowlist = tuple(
-        check_e164("TRANSFER_ALLOWLIST", n.strip()) for n in r.text("TRANSFER_ALLOWLIST", "").split(",") if n.strip()
-    )
-    fallback_url = r.optional("FALLBACK_TWIML_URL")
-    if fallback_url and not fallback_url.startswith(("https://", "http://")):
-        raise ConfigError("FALLBACK_TWIML_URL must be an absolute http(s) URL, e.g. https://example.com/fallback.xml")
-
-    log_format = r.text("LOG_FORMAT", "text").lower()
-    if log_format not in ("text", "json"):
-        raise ConfigError(f"LOG_FORMAT={log_format!r} is not valid: use LOG_FORMAT=text or LOG_FORMAT=json")
-    log_level = r.text("LOG_LEVEL", "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"LOG_LEVEL={log_level!r} is not valid: use DEBUG, INFO, WARNING or ERROR")
-
-    tools_module = r.optional("BRIDGE_TOOLS")
-    if tools_module and not all(_MODULE.match(m.strip()) for m in tools_module.split(",")):
-        raise ConfigError(f"BRIDGE_TOOLS={tools_module!r} is not a module path: use e.g. BRIDGE_TOOLS=mypackage.tools")
-    session_hook = r.optional("BRIDGE_SESSION_HOOK")
-    if session_hook and not _HOOK.match(session_hook):
-        raise ConfigError(
-            f"BRIDGE_SESSION_HOOK={session_hook!r} is not module:function: use e.g. "
-            "BRIDGE_SESSION_HOOK=mypackage.hooks:persona"
-        )
-
-    voice_agent_url = r.text("VOICE_AGENT_URL", DEFAULT_VOICE_AGENT_URL)
-    if not voice_agent_url.startswith(("wss://", "ws://")) or not _hostname(voice_agent_url):
-        raise ConfigError(
-            f"VOICE_AGENT_URL={voice_agent_url!r} is not a WebSocket URL: use e.g. "
-            f"VOICE_AGENT_URL={DEFAULT_VOICE_AGENT_URL}"
-        )
-
-    console_token = r.optional("CONSOLE_TOKEN")
-    if console_token is not None and len(console_token) < 16:
-        raise ConfigError(
-            "CONSOLE_TOKEN is too short: use at least 16 random characters "
-            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(24))")'
-        )
-    session_secret = r.optional("CONSOLE_SESSION_SECRET")
-    if session_secret is not None and len(session_secret) < 16:
-        raise ConfigError(
-            "CONSOLE_SESSION_SECRET is too short: use at least 16 random characters "
-            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
-        )
-
-    records_url = r.text("RECORDS_URL", DEFAULT_RECORDS_URL)
-    if not (records_url.startswith("sqlite:///") and len(records_url) > 10) and not records_url.startswith(
-        ("postgresql://", "postgres://")
-    ):
-        raise ConfigError(
-            f"RECORDS_URL={records_url!r} is not a database URL: use RECORDS_URL={DEFAULT_RECORDS_URL} "
-            "or RECORDS_URL=postgresql://user:password@host/dbname"
-        )
-    record_redact = tuple(n.strip() for n in r.text("RECORD_REDACT", "").split(",") if n.strip())
-    if any(not _PARAM_NAME.fullmatch(n) for n in record_redact):
-        raise ConfigError(
-            "RECORD_REDACT must be comma-separated custom parameter names: use e.g. RECORD_REDACT=From,To,AccountPin"
-        )
-    webhook_url = r.optional("RECORD_WEBHOOK_URL")
-    if webhook_url and (not webhook_url.startswith(("https://", "http://")) or not _hostname(webhook_url)):
-        raise ConfigError(
-            f"RECORD_WEBHOOK_URL={webhook_url!r} is not an http(s) URL: use e.g. "
-            "RECORD_WEBHOOK_URL=https://example.com/call-records"
-        )
-    webhook_secret = r.optional("RECORD_WEBHOOK_SECRET")
-    if webhook_secret is not None and len(webhook_secret) < 16:
-        raise ConfigError(
-            "RECORD_WEBHOOK_SECRET is too short: use at least 16 random characters "
-            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
-        )
-    if webhook_url and not webhook_secret:
-        warnings.append("RECORD_WEBHOOK_URL is set without RECORD_WEBHOOK_SECRET: the records it gets are not signed.")
+    transfer_number, allowlist = _transfer(r)
+    fallback_url = _fallback_twiml_url(r)
+    log_level, log_format = _logging(r)
+    tools_module, session_hook = _extensions(r)
+    voice_agent_url = _voice_agent_url(r)
+    console_token, session_secret = _console(r)
+    records_url, record_redact, webhook_url, webhook_secret = _records(r, warnings)
 
     return Settings(
         assemblyai_api_key=api_key,
@@ -404,6 +314,146 @@ def from_env(
         recovery_context_chars=r.integer("RECOVERY_CONTEXT_CHARS", 4000, 0, 100_000),
         warnings=tuple(warnings),
     )
+
+
+def _personas(r: EnvReader) -> tuple[Persona, Persona]:
+    """The inbound and outbound personas (the outbound one defaults to the inbound's)."""
+    voice = r.voice("VOICE", DEFAULT_VOICE)
+    inbound = Persona(
+        system_prompt=r.text("SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+        greeting=r.text("GREETING", DEFAULT_GREETING),
+        voice=voice,
+    )
+    outbound = Persona(
+        system_prompt=r.text("OUTBOUND_SYSTEM_PROMPT", inbound.system_prompt),
+        greeting=r.text("OUTBOUND_GREETING", DEFAULT_OUTBOUND_GREETING),
+        voice=r.voice("OUTBOUND_VOICE", voice),
+    )
+    return inbound, outbound
+
+
+def _stream_token_secret(
+    r: EnvReader, auth_token: str | None, generate_secret: Callable[[], bytes]
+) -> tuple[bytes, str]:
+    """The stream tokens' HMAC key and where it came from."""
+    token_secret_text = r.optional("STREAM_TOKEN_SECRET")
+    if token_secret_text:
+        if len(token_secret_text) < 16:
+            raise ConfigError(
+                "STREAM_TOKEN_SECRET is too short: use at least 16 random characters "
+                '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+            )
+        token_secret = token_secret_text.encode()
+        token_source = "from STREAM_TOKEN_SECRET"
+    elif auth_token:
+        token_secret = hmac.new(auth_token.encode(), _TOKEN_SECRET_LABEL, hashlib.sha256).digest()
+        token_source = "derived from TWILIO_AUTH_TOKEN"
+    else:
+        token_secret = generate_secret()
+        token_source = "generated at start-up (set STREAM_TOKEN_SECRET to share it between instances)"
+    return token_secret, token_source
+
+
+def _transfer(r: EnvReader) -> tuple[str | None, tuple[str, ...]]:
+    """TRANSFER_NUMBER and TRANSFER_ALLOWLIST."""
+    transfer_number = r.e164("TRANSFER_NUMBER")
+    allowlist = tuple(
+        check_e164("TRANSFER_ALLOWLIST", n.strip()) for n in r.text("TRANSFER_ALLOWLIST", "").split(",") if n.strip()
+    )
+    return transfer_number, allowlist
+
+
+def _fallback_twiml_url(r: EnvReader) -> str | None:
+    """FALLBACK_TWIML_URL, an absolute http(s) URL."""
+    fallback_url = r.optional("FALLBACK_TWIML_URL")
+    if fallback_url and not fallback_url.startswith(("https://", "http://")):
+        raise ConfigError("FALLBACK_TWIML_URL must be an absolute http(s) URL, e.g. https://example.com/fallback.xml")
+    return fallback_url
+
+
+def _logging(r: EnvReader) -> tuple[str, str]:
+    """LOG_LEVEL and LOG_FORMAT."""
+    log_format = r.text("LOG_FORMAT", "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={log_format!r} is not valid: use LOG_FORMAT=text or LOG_FORMAT=json")
+    log_level = r.text("LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL={log_level!r} is not valid: use DEBUG, INFO, WARNING or ERROR")
+    return log_level, log_format
+
+
+def _extensions(r: EnvReader) -> tuple[str | None, str | None]:
+    """BRIDGE_TOOLS and BRIDGE_SESSION_HOOK."""
+    tools_module = r.optional("BRIDGE_TOOLS")
+    if tools_module and not all(_MODULE.match(m.strip()) for m in tools_module.split(",")):
+        raise ConfigError(f"BRIDGE_TOOLS={tools_module!r} is not a module path: use e.g. BRIDGE_TOOLS=mypackage.tools")
+    session_hook = r.optional("BRIDGE_SESSION_HOOK")
+    if session_hook and not _HOOK.match(session_hook):
+        raise ConfigError(
+            f"BRIDGE_SESSION_HOOK={session_hook!r} is not module:function: use e.g. "
+            "BRIDGE_SESSION_HOOK=mypackage.hooks:persona"
+        )
+    return tools_module, session_hook
+
+
+def _voice_agent_url(r: EnvReader) -> str:
+    """VOICE_AGENT_URL, a WebSocket URL."""
+    voice_agent_url = r.text("VOICE_AGENT_URL", DEFAULT_VOICE_AGENT_URL)
+    if not voice_agent_url.startswith(("wss://", "ws://")) or not _hostname(voice_agent_url):
+        raise ConfigError(
+            f"VOICE_AGENT_URL={voice_agent_url!r} is not a WebSocket URL: use e.g. "
+            f"VOICE_AGENT_URL={DEFAULT_VOICE_AGENT_URL}"
+        )
+    return voice_agent_url
+
+
+def _console(r: EnvReader) -> tuple[str | None, str | None]:
+    """CONSOLE_TOKEN and CONSOLE_SESSION_SECRET."""
+    console_token = r.optional("CONSOLE_TOKEN")
+    if console_token is not None and len(console_token) < 16:
+        raise ConfigError(
+            "CONSOLE_TOKEN is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(24))")'
+        )
+    session_secret = r.optional("CONSOLE_SESSION_SECRET")
+    if session_secret is not None and len(session_secret) < 16:
+        raise ConfigError(
+            "CONSOLE_SESSION_SECRET is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+        )
+    return console_token, session_secret
+
+
+def _records(r: EnvReader, warnings: list[str]) -> tuple[str, tuple[str, ...], str | None, str | None]:
+    """RECORDS_URL, RECORD_REDACT, RECORD_WEBHOOK_URL and RECORD_WEBHOOK_SECRET."""
+    records_url = r.text("RECORDS_URL", DEFAULT_RECORDS_URL)
+    if not (records_url.startswith("sqlite:///") and len(records_url) > 10) and not records_url.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError(
+            f"RECORDS_URL={records_url!r} is not a database URL: use RECORDS_URL={DEFAULT_RECORDS_URL} "
+            "or RECORDS_URL=postgresql://user:password@host/dbname"
+        )
+    record_redact = tuple(n.strip() for n in r.text("RECORD_REDACT", "").split(",") if n.strip())
+    if any(not _PARAM_NAME.fullmatch(n) for n in record_redact):
+        raise ConfigError(
+            "RECORD_REDACT must be comma-separated custom parameter names: use e.g. RECORD_REDACT=From,To,AccountPin"
+        )
+    webhook_url = r.optional("RECORD_WEBHOOK_URL")
+    if webhook_url and (not webhook_url.startswith(("https://", "http://")) or not _hostname(webhook_url)):
+        raise ConfigError(
+            f"RECORD_WEBHOOK_URL={webhook_url!r} is not an http(s) URL: use e.g. "
+            "RECORD_WEBHOOK_URL=https://example.com/call-records"
+        )
+    webhook_secret = r.optional("RECORD_WEBHOOK_SECRET")
+    if webhook_secret is not None and len(webhook_secret) < 16:
+        raise ConfigError(
+            "RECORD_WEBHOOK_SECRET is too short: use at least 16 random characters "
+            '(e.g. python -c "import secrets; print(secrets.token_hex(32))")'
+        )
+    if webhook_url and not webhook_secret:
+        warnings.append("RECORD_WEBHOOK_URL is set without RECORD_WEBHOOK_SECRET: the records it gets are not signed.")
+    return records_url, record_redact, webhook_url, webhook_secret
 
 
 def parse_trusted_proxies(r: EnvReader | Mapping[str, str]) -> tuple[IpNetwork, ...]:

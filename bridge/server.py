@@ -19,6 +19,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,16 @@ async def drain(app: BridgeApp, settings: Settings) -> None:
     log.info("drained: stopping the server")
 
 
+@dataclass
+class _Stopping:
+    """How serving ends: a drain is requested, the drain finishes (then Hypercorn stops, and with
+    it the front door), or a second SIGINT cancels everything (exit code 130)."""
+
+    requested: trio.Event
+    drained: trio.Event = field(default_factory=trio.Event)
+    exit_code: int = 0
+
+
 async def serve(
     app: BridgeApp,
     settings: Settings,
@@ -109,67 +120,88 @@ async def serve(
     """Serve until drained (signal or ``shutdown`` set). Reports the bound addresses via
     ``task_status``. Returns the process exit code: 0 after a drain, 130 after a forced stop.
     """
-    stop_serving = trio.Event()
-    exit_code = 0
-    requested = shutdown if shutdown is not None else trio.Event()
-
+    stopping = _Stopping(shutdown if shutdown is not None else trio.Event())
     async with trio.open_nursery() as watchers:
-
-        async def drain_then_stop() -> None:
-            await requested.wait()
-            await drain(app, settings)
-            stop_serving.set()
-
-        async def watch_signals() -> None:
-            nonlocal exit_code
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    if not requested.is_set():
-                        log.info("received %s: draining", signal.Signals(signum).name)
-                        requested.set()
-                    elif signum == signal.SIGINT:
-                        log.warning("second SIGINT: stopping now")
-                        exit_code = 130
-                        watchers.cancel_scope.cancel()
-                        return
-
-        watchers.start_soon(drain_then_stop)
+        watchers.start_soon(_drain_when_requested, app, settings, stopping)
         if handle_signals:
-            watchers.start_soon(watch_signals)
+            watchers.start_soon(_watch_signals, stopping, watchers.cancel_scope)
         await watchers.start(app.keep_shared_state)  # before the first admission (bridge/fleet/shared.py)
         listeners = await open_listeners(bind or [f"{settings.bind_host}:{settings.port}"])
-        private_dir = make_private_dir()
-        try:
-            hypercorn_socket = os.path.join(private_dir, "hypercorn.sock")
-            config = hypercorn_config(settings, bind=[f"unix:{hypercorn_socket}"])
-            hypercorn_done = trio.Event()
-
-            async def run_hypercorn(task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED) -> None:
-                try:
-                    await hypercorn_serve(
-                        close_after_response(app),  # type: ignore[arg-type]
-                        config,
-                        shutdown_trigger=stop_serving.wait,
-                        mode="asgi",
-                        task_status=task_status,
-                    )
-                finally:
-                    hypercorn_done.set()
-
-            async with trio.open_nursery() as serving:
-                await serving.start(run_hypercorn)
-                front = FrontDoor(app, hypercorn_socket)
-                serving.start_soon(front.release_memory_when_idle)
-                await serving.start(trio.serve_listeners, front.handle, listeners)
-                task_status.started([_url(listener) for listener in listeners])
-                await hypercorn_done.wait()
-                # Hypercorn has stopped (drained, or cancelled by a second SIGINT): stop accepting,
-                # and end what is still open (calls were ended by the drain).
-                serving.cancel_scope.cancel()
-        finally:
-            shutil.rmtree(private_dir, ignore_errors=True)
+        await _serve_until_drained(app, settings, listeners, stopping, task_status)
         watchers.cancel_scope.cancel()
-    return exit_code
+    return stopping.exit_code
+
+
+async def _drain_when_requested(app: BridgeApp, settings: Settings, stopping: _Stopping) -> None:
+    await stopping.requested.wait()
+    await drain(app, settings)
+    stopping.drained.set()
+
+
+async def _watch_signals(stopping: _Stopping, everything: trio.CancelScope) -> None:
+    """SIGTERM or a first SIGINT requests the drain; a second SIGINT cancels ``everything``."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not stopping.requested.is_set():
+                log.info("received %s: draining", signal.Signals(signum).name)
+                stopping.requested.set()
+            elif signum == signal.SIGINT:
+                log.warning("second SIGINT: stopping now")
+                stopping.exit_code = 130
+                everything.cancel()
+                return
+
+
+async def _serve_until_drained(
+    app: BridgeApp,
+    settings: Settings,
+    listeners: list[trio.SocketListener],
+    stopping: _Stopping,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """The front door on ``listeners`` and Hypercorn behind it on a private unix socket, until
+    Hypercorn has stopped (after the drain, or cancelled); the socket's directory is removed."""
+    private_dir = make_private_dir()
+    try:
+        hypercorn_socket = os.path.join(private_dir, "hypercorn.sock")
+        config = hypercorn_config(settings, bind=[f"unix:{hypercorn_socket}"])
+        hypercorn_done = trio.Event()
+        async with trio.open_nursery() as serving:
+            # The records' writer outlives every call (they run in this nursery too) and
+            # flushes, bounded, when it is cancelled after the drain.
+            await serving.start(app.run_records)
+            await serving.start(_run_hypercorn, app, config, stopping.drained, hypercorn_done)
+            front = FrontDoor(app, hypercorn_socket)
+            serving.start_soon(front.release_memory_when_idle)
+            await serving.start(trio.serve_listeners, front.handle, listeners)
+            task_status.started([_url(listener) for listener in listeners])
+            await hypercorn_done.wait()
+            # Hypercorn has stopped (drained, or cancelled by a second SIGINT): stop accepting,
+            # and end what is still open (calls were ended by the drain).
+            serving.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(private_dir, ignore_errors=True)
+
+
+async def _run_hypercorn(
+    app: BridgeApp,
+    config: Config,
+    drained: trio.Event,
+    done: trio.Event,
+    *,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hypercorn serving ``app`` until ``drained``; ``done`` is set however it stops."""
+    try:
+        await hypercorn_serve(
+            close_after_response(app),  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=drained.wait,
+            mode="asgi",
+            task_status=task_status,
+        )
+    finally:
+        done.set()
 
 
 async def open_listeners(binds: Sequence[str]) -> list[trio.SocketListener]:
