@@ -40,8 +40,6 @@ _FINAL_END_S = 3.0  # after DRAIN_SECONDS: time for the calls we end to say good
 def hypercorn_config(settings: Settings, *, bind: Sequence[str]) -> Config:
     config = Config()
     config.bind = list(bind)  # the private unix socket behind the front door (or a test's own)
-    # A Twilio frame is ~300 bytes: anything far bigger is hostile and closes with 1009.
-    config.websocket_max_message_size = settings.max_twilio_frame_bytes
     # Calls are ended by our drain before shutdown starts; only requests in progress are left,
     # and Hypercorn would hold the exit this long for them.
     config.graceful_timeout = 1.0
@@ -50,7 +48,9 @@ def hypercorn_config(settings: Settings, *, bind: Sequence[str]) -> Config:
     # the front door. Every head passes the front door instead, on a fresh connection; webhooks
     # are a few per call and nginx keeps no upstream connections anyway (deploy/nginx.conf).
     config.keep_alive_max_requests = 1
-    config.keep_alive_timeout = 75.0  # bounds a request's body wait; longer than proxies' idle timeouts
+    # How long Hypercorn waits for a request head the front door handed on incomplete (a client
+    # slower than HEAD_DEADLINE_S); as before the one-request change.
+    config.keep_alive_timeout = 75.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
