@@ -102,7 +102,7 @@ class BridgeApp:
         return len(self.calls)
 
     def start_drain(self) -> None:
-        """Stop taking calls: /healthz turns 503, webhooks answer busy, streams are refused."""
+        """Stop taking calls: /readyz turns 503, webhooks answer busy, streams are refused."""
         self.calls.start_drain()
 
     def end_all_calls(self, reason: str) -> None:
