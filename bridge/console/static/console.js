@@ -130,6 +130,7 @@
   function agentText(turn) {
     const said = str(turn.text);
     const heard = turn.heard_text === null || turn.heard_text === undefined ? said : str(turn.heard_text);
+    if (!said && !heard) return [el("span", { class: "said empty", text: "(no words)" })];
     if (!turn.interrupted || heard === said) return [el("span", { class: "said" }, said)];
     if (said.startsWith(heard)) {
       return [
@@ -327,7 +328,7 @@
 
     updateEmpty();
     connectEvents(handle);
-    window.setInterval(() => calls.forEach(tick), 1000);
+    window.setInterval(() => calls.forEach(tick), 250); // a whole second never shows late
   }
 
   // --- the Past calls page --------------------------------------------------------------------
@@ -409,7 +410,7 @@
     if (!bars.length) return el("p", { class: "empty", text: "No agent replies with audio yet." });
     const barW = 28, gap = 14, left = 44, top = 18, plotH = 120, bottom = 30;
     const max = Math.max(500, ...bars.map((b) => b.ms));
-    const width = left + bars.length * (barW + gap) + gap;
+    const width = Math.max(240, left + bars.length * (barW + gap) + gap);
     const height = top + plotH + bottom;
     const description = bars.map((b) => "turn " + b.turn + (b.greeting ? " (greeting, first audio)" : "") + ": " + b.ms + " ms");
     const chart = svg("svg", {
@@ -446,7 +447,7 @@
       chart.appendChild(name);
     });
     const unit = svg("text", { class: "axis-label", x: left, y: height - 2 });
-    unit.textContent = "turn (greeting: first audio after the stream started)";
+    unit.textContent = "greet = first audio";
     chart.appendChild(unit);
     return chart;
   }

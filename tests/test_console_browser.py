@@ -1,0 +1,374 @@
+"""The console in a real browser: headless Chromium (Debian's chromium + chromium-driver) driven
+by Selenium, against the real server, the fake Voice Agent and simulated Twilio calls.
+
+One browser for the module (started once, ~2 s); each test starts its own bridge. Every WebDriver
+call runs in a worker thread (``trio.to_thread``): the bridge runs on this test's Trio loop, and a
+blocking call on the loop would stop it from answering the browser.
+
+Screenshots of every page at 1280x800 and 390x844 go to ``test-artifacts/console/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bridge.agent import events as ag
+from tests.harness import API_KEY, Running, running_bridge
+from tools.fake_agent import FakeAgentConfig
+from tools.fake_twilio import CallPlan, CallResult
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts" / "console"
+TOKEN = "console-browser-token-0123456789"
+SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason="Debian's chromium and chromium-driver are needed (.ci/run installs them)",
+)
+
+XSS_SCRIPT = "<script>window.__xss = 'script'</script> hello"
+XSS_IMG = '"><img src=x onerror="window.__xss = \'img\'"> there'
+XSS_URL = "javascript:window.__xss='url'"
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    profile = tempfile.mkdtemp(prefix="console-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(arg)
+    options.accept_insecure_certs = True  # the nginx test's throw-away certificate
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser.set_page_load_timeout(15)
+    browser.set_script_timeout(10)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+class Browser:
+    """The WebDriver, awaited: each call in a worker thread, one at a time."""
+
+    def __init__(self, driver: Any, base: str) -> None:
+        self.driver = driver
+        self.base = base
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def open(self, path: str) -> None:
+        await self.run(self.driver.get, self.base + path)
+
+    async def js(self, script: str, *args: Any) -> Any:
+        return await self.run(self.driver.execute_script, script, *args)
+
+    async def wait(self, script: str, *args: Any, timeout_s: float = 5.0, what: str = "") -> Any:
+        """Poll ``script`` (a JS expression body returning a value) until it is truthy."""
+        try:
+            with trio.fail_after(timeout_s):
+                while True:
+                    value = await self.js(script, *args)
+                    if value:
+                        return value
+                    await trio.sleep(0.03)
+        except trio.TooSlowError:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or script}") from None
+
+    async def text(self, css: str) -> str:
+        return str(await self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", css))
+
+    async def size(self, name: str) -> None:
+        width, height = SIZES[name]
+        await self.run(
+            self.driver.execute_cdp_cmd,
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": name == "phone"},
+        )
+
+    async def shots(self, page: str) -> list[Path]:
+        """A screenshot of the current page at both sizes; asserts nothing overflows sideways."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in SIZES:
+            await self.size(name)
+            await trio.sleep(0.15)  # layout after the resize
+            overflow = await self.js("return document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 1, f"{page} at {name}: the page is {overflow} px wider than the screen"
+            path = ARTIFACTS / f"{page}-{name}.png"
+            assert await self.run(self.driver.save_screenshot, str(path))
+            paths.append(path)
+        await self.size("desktop")
+        return paths
+
+    async def sign_in(self, token: str = TOKEN) -> None:
+        await self.open("/console")
+        field = await self.run(self.driver.find_element, By.ID, "token")
+        await self.run(field.send_keys, token + Keys.ENTER)  # Enter submits the form
+
+    async def accept_confirm(self) -> str:
+        def accept() -> str:
+            alert = self.driver.switch_to.alert
+            text = str(alert.text)
+            alert.accept()
+            return text
+
+        with trio.fail_after(5):
+            while True:
+                try:
+                    return await self.run(accept)
+                except NoAlertPresentException:
+                    await trio.sleep(0.03)
+
+    async def no_script_ran(self) -> None:
+        assert await self.js("return typeof window.__xss") == "undefined", "an injected script ran"
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    try:
+        with trio.fail_after(timeout_s):
+            while not check():
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
+
+
+async def live_record(bridge: Running, call_sid: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    records = bridge.app.records
+    assert records is not None
+    await wait_until(lambda: records.live(call_sid) is not None, timeout_s, f"the live record of {call_sid}")
+    record = records.live(call_sid)
+    assert record is not None
+    return record
+
+
+def sid(n: int) -> str:
+    return "CA" + f"{n:x}" * 32
+
+
+def env() -> dict[str, str]:
+    return {"CONSOLE_TOKEN": TOKEN}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_sign_in_wrong_then_right_token_with_the_enter_key(driver: Any) -> None:
+    async with running_bridge(env=env()) as bridge:
+        browser = Browser(driver, bridge.http_base)
+        await browser.open("/console")
+        assert await browser.js("return document.activeElement.id") == "token"  # focus is in the field
+        assert await browser.js("return document.querySelector('label[for=token]').textContent") == "Console token"
+        await browser.shots("sign-in")
+        await browser.sign_in("console-browser-token-wrong-wrong")
+        await browser.wait("return !document.getElementById('sign-in-error').hidden", what="the error")
+        assert "not right" in await browser.text("#sign-in-error")
+        assert await browser.js("return document.querySelector('meta[name=csrf-token]')") is None
+        await browser.sign_in()
+        await browser.wait("return document.body.dataset.page === 'live'", what="the live page")
+        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+                           what="the event stream")
+        cookie = await browser.run(driver.get_cookie, "console_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["secure"]
+        assert await browser.js("return document.cookie") == ""  # HttpOnly: scripts cannot read it
+
+
+async def test_a_live_call_appears_streams_its_transcript_and_end_call_hangs_it_up(driver: Any) -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=4.0)
+    call_sid = sid(1)
+    async with running_bridge(agent_config=config, env=env(), with_rest=True) as bridge:
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+                           what="the event stream")
+        assert bridge.rest is not None
+        bridge.rest.add_live_call(call_sid, to="+14155550100", from_="+14155550123")
+        result: list[CallResult] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                plan = CallPlan(call_sid=call_sid, speed=1.0, max_call_s=30.0)
+                result.append(await bridge.twilio.call(plan))
+
+            t0 = trio.current_time()
+            nursery.start_soon(call)
+            card = f"li.card[data-call-sid='{call_sid}']"
+            await browser.wait(f"return document.querySelector(\"{card}\")", timeout_s=3, what="the live card")
+            appeared_s = trio.current_time() - t0
+            assert appeared_s < 1.0, f"the live call appeared after {appeared_s:.2f} s"
+            head = await browser.text(f"{card} .card-head")
+            assert call_sid in head
+            assert "inbound" in await browser.text(f"{card} .meta")
+
+            session = await bridge.agent.wait_for_session(1)
+            await browser.wait(f"return document.querySelector(\"{card} .turn.agent\")", what="the greeting turn")
+            t1 = trio.current_time()
+            await bridge.agent.user_turn(session.session_id, "Where is my parcel, please?")
+            await browser.wait(
+                f"return [...document.querySelectorAll(\"{card} .turn.caller\")].some("
+                "t => t.textContent.includes('Where is my parcel'))",
+                what="the caller's turn",
+            )
+            assert trio.current_time() - t1 < 1.0
+            activities = {"connecting", "greeting", "listening", "agent speaking", "tool running", "ending"}
+            assert (await browser.text(f"{card} .activity")) in activities
+            first = await browser.text(f"{card} .duration")
+            await trio.sleep(1.1)
+            assert await browser.text(f"{card} .duration") != first  # the duration ticks
+            await browser.shots("live")
+
+            await browser.js(f"document.querySelector(\"{card} button.danger\").click()")
+            assert call_sid in await browser.accept_confirm()
+            await wait_until(
+                lambda: any(r.method == "POST" and call_sid in r.path and ("Status", "completed") in r.form
+                            for r in bridge.rest.requests),  # type: ignore[union-attr]
+                5, "the hang-up at Twilio's REST API",
+            )
+            await browser.wait(f"return !document.querySelector(\"{card}\")", what="the card to go")
+        assert result and result[0].ended_by != "timeout"
+        assert call_sid in await browser.text("#ended-list")
+        await browser.open("/console/past")
+        await browser.wait(f"return document.querySelector(\"tr[data-call-sid='{call_sid}']\")",
+                           what="the call in the past list")
+
+
+async def test_past_call_said_vs_heard_tool_latency_chart_and_search(driver: Any) -> None:
+    # Word timings right after each reply's first audio (as the service may send them), so an
+    # interrupted reply's text is longer than what the caller heard.
+    config = FakeAgentConfig(
+        api_key=API_KEY, vad=False, speed=1.0, word_deltas="first_audio",
+        tool_on_turn={1: ("generate_random_number", {"min": 1, "max": 10})},
+    )
+    call_sid = sid(2)
+    async with running_bridge(agent_config=config, env=env()) as bridge:
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+
+        def live() -> dict[str, Any]:
+            record = bridge.app.records.live(call_sid)
+            return record or {"activity": "", "tools": [], "turns": []}
+
+        async def script() -> None:
+            session = await bridge.agent.wait_for_session(1)
+            await live_record(bridge, call_sid)
+            await trio.sleep(1.2)  # the first second of the greeting is heard, then the caller barges in
+            await bridge.agent.barge_in(session.session_id)
+            await bridge.agent.user_turn(session.session_id, "Pick a number between one and ten")
+            await wait_until(lambda: live()["tools"] != [], 10, "the tool call")
+            await wait_until(lambda: any(t.get("response_ms") is not None for t in live()["turns"]), 10, "the answer")
+            await wait_until(lambda: live()["activity"] == "listening", 10, "the answer's end")
+            await bridge.agent.user_turn(session.session_id, "Actually never mind the parcel")
+            await wait_until(lambda: len(live()["turns"]) >= 6 and live()["activity"] == "agent speaking", 10,
+                             "the last reply")
+            await trio.sleep(0.3)
+            bridge.twilio.request_hangup(call_sid)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            with trio.fail_after(40):
+                await bridge.twilio.call(CallPlan(call_sid=call_sid, speed=1.0, max_call_s=40.0))
+
+        await browser.open("/console/past?q=never+mind")
+        row = f"tr[data-call-sid='{call_sid}']"
+        await browser.wait(f"return document.querySelector(\"{row}\")", what="the search hit")
+        assert await browser.js("return document.getElementById('f-q').value") == "never mind"
+        await browser.shots("past")
+        await browser.open("/console/past?q=no+such+words+anywhere")
+        await browser.wait("return document.getElementById('past-status').textContent.includes('No calls match')",
+                           what="an empty search")
+        await browser.open("/console/past?q=never+mind")
+        await browser.wait(f"return document.querySelector(\"{row} a\")", what="the row's link")
+        await browser.js(f"document.querySelector(\"{row} a\").click()")
+        await browser.wait("return document.querySelectorAll('#call-turns .turn').length >= 5", what="the turns")
+        assert await browser.js("return location.pathname") == f"/console/calls/{call_sid}"
+        unheard = await browser.js("return [...document.querySelectorAll('#call-turns del.unheard')]"
+                                   ".map(d => d.textContent)")
+        record = await browser.js("return fetch(arguments[0]).then(r => r.json())", f"/api/calls/{call_sid}")
+        interrupted = [t for t in record["turns"] if t["speaker"] == "agent" and t["interrupted"]]
+        assert interrupted, "the barge-in left no interrupted reply in the record"
+        cut = [t for t in interrupted if t["text"] != t["heard_text"] and t["text"].startswith(t["heard_text"])]
+        unheard = await browser.js("return [...document.querySelectorAll('#call-turns del.unheard')]"
+                                   ".map(d => d.textContent)")
+        assert [u.replace(" (not heard:) ", "") for u in unheard] == [t["text"][len(t["heard_text"]) :] for t in cut]
+        if hasattr(ag, "TranscriptAgentDelta"):  # word timings reach the record: the cut part is known
+            assert cut, "an interrupted reply whose unheard words are not in the record"
+        metas = await browser.js("return [...document.querySelectorAll('#call-turns .turn.agent .turn-meta')]"
+                                 ".map(m => m.textContent)")
+        assert sum("interrupted after" in m for m in metas) == len(interrupted)
+        tool = await browser.text("#call-tools .tool")
+        assert "generate_random_number" in tool and '"max": 10' in tool and " ms" in tool
+        bars = await browser.js("return [...document.querySelectorAll('#latency-svg rect.bar')]"
+                                ".map(r => Number(r.dataset.ms))")
+        assert len(bars) >= 2 and all(ms >= 0 for ms in bars)
+        facts = await browser.text("#call-facts")
+        assert "Upstream seconds" in facts and "caller hung up" in facts
+        json_href = await browser.js("return document.getElementById('call-json').getAttribute('href')")
+        assert json_href == f"/api/calls/{call_sid}"
+        await browser.shots("call")
+
+
+async def test_hostile_transcripts_render_as_text_and_run_nothing(driver: Any) -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=4.0, reply_text=f"{XSS_IMG} {XSS_URL}")
+    call_sid = sid(3)
+    async with running_bridge(agent_config=config, env=env()) as bridge:
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+                           what="the event stream")
+        card = f"li.card[data-call-sid='{call_sid}']"
+
+        async def script() -> None:
+            session = await bridge.agent.wait_for_session(1)
+            await live_record(bridge, call_sid)
+            for text in (XSS_SCRIPT, XSS_IMG, XSS_URL):
+                await bridge.agent.user_turn(session.session_id, text)
+                await trio.sleep(0.3)
+            await browser.wait(
+                f"return [...document.querySelectorAll(\"{card} .turn.agent\")].some("
+                "t => t.textContent.includes('javascript:'))",
+                what="the hostile reply on the live card",
+            )
+            bridge.twilio.request_hangup(call_sid)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            with trio.fail_after(30):
+                await bridge.twilio.call(CallPlan(call_sid=call_sid, speed=1.0, max_call_s=30.0))
+        await browser.no_script_ran()
+        await browser.open(f"/console/calls/{call_sid}")
+        await browser.wait("return document.querySelectorAll('#call-turns .turn.caller').length >= 3",
+                           what="the caller's turns")
+        caller = await browser.js("return [...document.querySelectorAll('#call-turns .turn.caller .said')]"
+                                  ".map(t => t.textContent)")
+        for text in (XSS_SCRIPT, XSS_IMG, XSS_URL):
+            assert text in caller  # the characters themselves, as text
+        agent = await browser.text("#call-turns")
+        assert XSS_IMG in agent and XSS_URL in agent
+        assert await browser.js("return document.querySelectorAll('main img, main script, main [onerror]').length") == 0
+        hrefs = await browser.js("return [...document.querySelectorAll('a')].map(a => a.getAttribute('href'))")
+        assert not [h for h in hrefs if h and not h.startswith(("/", "#main"))], hrefs  # our own URLs only
+        await trio.sleep(0.2)
+        await browser.no_script_ran()
