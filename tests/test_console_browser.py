@@ -372,3 +372,68 @@ async def test_hostile_transcripts_render_as_text_and_run_nothing(driver: Any) -
         assert not [h for h in hrefs if h and not h.startswith(("/", "#main"))], hrefs  # our own URLs only
         await trio.sleep(0.2)
         await browser.no_script_ran()
+
+
+def stored_record(call_sid: str, audio_path: Path) -> dict[str, Any]:
+    """A finished record as the records issue defines it, with a barge-in, a tool and audio."""
+    at = "2026-12-01T10:00:0{}.000Z".format
+    return {
+        "call_sid": call_sid, "call_id": "c-stored", "direction": "outbound", "from": "***23", "to": "***00",
+        "started_at": at(0), "ended_at": at(9), "duration_s": 9.0, "outcome": "agent_ended",
+        "reason": "end_call tool", "live": False, "agent_session_ids": ["sess_a", "sess_b"],
+        "upstream_open_s": 8.5, "frames": {}, "custom_parameters": {}, "audio_path": str(audio_path),
+        "turns": [
+            {"speaker": "agent", "text": "Hello there.", "started_at": at(0), "reply_id": "r0",
+             "heard_text": "Hello there.", "heard_ms": 900, "said_ms": 900, "interrupted": False,
+             "response_ms": None, "first_audio_ms": 640},
+            {"speaker": "caller", "text": "When does order A-1042 arrive?", "started_at": at(2)},
+            {"speaker": "agent", "text": "It ships on Monday and arrives on Tuesday.", "started_at": at(3),
+             "reply_id": "r1", "heard_text": "It ships on Monday", "heard_ms": 1200, "said_ms": 2400,
+             "interrupted": True, "response_ms": 1830, "first_audio_ms": None},
+            {"speaker": "caller", "text": "Thanks, bye", "started_at": at(5)},
+            {"speaker": "agent", "text": "Goodbye!", "started_at": at(6), "reply_id": "r2",
+             "heard_text": "Goodbye!", "heard_ms": 700, "said_ms": 700, "interrupted": False,
+             "response_ms": 420, "first_audio_ms": None},
+        ],
+        "tools": [{"tool_call_id": "t1", "name": "get_order_status", "arguments": {"order_id": "A-1042"},
+                   "result": '{"status": "shipped"}', "is_error": False, "started_at": at(3), "duration_ms": 35}],
+        "dtmf": [{"digit": "***", "at": at(4)}], "errors": [], "truncated": {},
+    }
+
+
+async def test_a_stored_record_strike_through_chart_values_and_the_recording(driver: Any, tmp_path: Path) -> None:
+    call_sid = sid(4)
+    wav = tmp_path / "call.wav"
+    wav.write_bytes(b"RIFF" + (36).to_bytes(4, "little") + b"WAVEfmt " + bytes(24) + b"data" + bytes(4))
+    async with running_bridge(env=env()) as bridge:
+        store = bridge.app.record_store
+        assert store is not None
+        await store.ready.wait()
+        store.submit(stored_record(call_sid, wav))
+        with trio.fail_after(5):
+            while await store.get(call_sid) is None:
+                await trio.sleep(0.02)
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+        await browser.open(f"/console/calls/{call_sid}")
+        await browser.wait("return document.querySelectorAll('#call-turns .turn').length === 5", what="the turns")
+        struck = await browser.js("return [...document.querySelectorAll('#call-turns del.unheard')].map(d => "
+                                  "d.lastChild.textContent)")
+        assert struck == [" and arrives on Tuesday."]
+        heard = await browser.text("#call-turns .turn.agent:nth-of-type(3) .heard")
+        assert heard == "It ships on Monday"
+        bars = await browser.js("return [...document.querySelectorAll('#latency-svg rect.bar')].map(r => "
+                                "[Number(r.dataset.ms), r.getAttribute('class')])")
+        assert bars == [[640, "bar greeting"], [1830, "bar slow"], [420, "bar"]]
+        assert "turn 3: 1830 ms" in await browser.js("return document.getElementById('latency-svg')"
+                                                    ".getAttribute('aria-label')")
+        assert "get_order_status" in await browser.text("#call-tools") and "35 ms" in await browser.text("#call-tools")
+        assert "sess_a, sess_b" in await browser.text("#call-facts") and "8.5 s" in await browser.text("#call-facts")
+        assert await browser.text("#call-dtmf") == "***"
+        src = await browser.js("return document.getElementById('recording').getAttribute('src')")
+        assert src == f"/console/calls/{call_sid}/recording"
+        got = await browser.js(
+            "return Promise.all([fetch(arguments[0]), fetch(arguments[0], {credentials: 'omit'})])"
+            ".then(rs => rs.map(r => [r.status, r.headers.get('content-type')]))", src)
+        assert got == [[200, "audio/wav"], [401, "application/json"]]
+        await browser.no_script_ran()

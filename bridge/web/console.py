@@ -245,7 +245,9 @@ def register_console(quart: QuartTrio, app: BridgeApp) -> None:
             return _json({"error": "sign in first"}, 401)
         record = await _record(console, call_sid)
         path = recording_path(record)
-        if path is None or not path.is_file():
+        # Only a WAV file is ever served: a record (e.g. in a shared database) cannot make this
+        # route hand out some other file of the server's.
+        if path is None or path.suffix.lower() != ".wav" or not path.is_file():
             return _json({"error": "no recording for this call"}, 404)
         data = await trio.Path(path).read_bytes()
         return Response(data, status=200, content_type="audio/wav", headers={"Content-Disposition": "inline"})
