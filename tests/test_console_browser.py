@@ -437,3 +437,38 @@ async def test_a_stored_record_strike_through_chart_values_and_the_recording(dri
             ".then(rs => rs.map(r => [r.status, r.headers.get('content-type')]))", src)
         assert got == [[200, "audio/wav"], [401, "application/json"]]
         await browser.no_script_ran()
+
+
+async def test_behind_nginx_the_event_stream_is_not_buffered(driver: Any, tmp_path: Path) -> None:
+    from tests.test_deploy import _free_port, nginx_proxy
+
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=4.0)
+    call_sid = sid(5)
+    async with running_bridge(agent_config=config, env=env()) as bridge:
+        port = _free_port()
+        async with nginx_proxy(tmp_path, port, webhooks=[bridge.port], streams=[bridge.port]):
+            browser = Browser(driver, f"https://127.0.0.1:{port}")
+            await browser.sign_in()
+            await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+                               what="the event stream through nginx")
+            card = f"li.card[data-call-sid='{call_sid}']"
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    await bridge.twilio.call(CallPlan(call_sid=call_sid, speed=1.0, max_call_s=30.0))
+
+                t0 = trio.current_time()
+                nursery.start_soon(call)
+                await browser.wait(f"return document.querySelector(\"{card}\")", timeout_s=3, what="the card")
+                assert trio.current_time() - t0 < 1.0
+                session = await bridge.agent.wait_for_session(1)
+                t1 = trio.current_time()
+                await bridge.agent.user_turn(session.session_id, "Through the proxy")
+                await browser.wait(
+                    f"return [...document.querySelectorAll(\"{card} .turn.caller\")].some("
+                    "t => t.textContent.includes('Through the proxy'))",
+                    what="the caller's turn through nginx",
+                )
+                assert trio.current_time() - t1 < 1.0  # one small event arrived at once: not buffered
+                bridge.twilio.request_hangup(call_sid)
+            await browser.wait(f"return !document.querySelector(\"{card}\")", what="the card to go")
