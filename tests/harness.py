@@ -3,6 +3,11 @@ Agent server and a fake Twilio, all in one Trio nursery. No autojump: real time,
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +48,13 @@ class Running:
         return port
 
 
+@functools.cache
+def _records_root() -> str:
+    root = tempfile.mkdtemp(prefix="bridge-test-records-")
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
 def settings_for(agent_url: str, **overrides: str) -> Settings:
     env: dict[str, str] = {
         "ASSEMBLYAI_API_KEY": API_KEY,
@@ -51,6 +63,8 @@ def settings_for(agent_url: str, **overrides: str) -> Settings:
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "STREAM_TOKEN_SECRET": "test-stream-token-secret-0123456789",
         "CALLER_AUDIO_BURST_MS": "600000",  # tests stream faster than real time
+        # Call records are on by default: each bridge gets its own SQLite file, not ./data/.
+        "RECORDS_URL": f"sqlite:///{_records_root()}/calls-{uuid.uuid4().hex[:12]}.sqlite3",
     }
     env.update(overrides)
     return from_env(env)

@@ -1,0 +1,175 @@
+"""Call records end to end through the real server (tests/harness.py): a simulated call leaves a
+record in SQLite and in a real PostgreSQL server, readable through the API while live and after;
+the database stopped mid-call costs the call nothing and its record lands once it is back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from bridge.agent import events as ag
+from tests.harness import API_KEY, Running, running_bridge
+from tests.pg import PostgresServer
+from tools.fake_agent import FakeAgentConfig
+from tools.fake_twilio import CallPlan
+
+TOKEN = "console-token-e2e-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def stored_record(bridge: Running, call_sid: str, timeout_s: float = 20.0) -> dict[str, Any]:
+    store = bridge.app.record_store
+    assert store is not None
+    with trio.fail_after(timeout_s):
+        while True:
+            record = await store.get(call_sid) if store.ready.is_set() else None
+            if record is not None:
+                return record
+            await trio.sleep(0.05)
+
+
+async def talk(bridge: Running, *, barge_in: bool = False) -> None:
+    """After the greeting (or barging into it), the caller says something and the agent answers."""
+    session = await bridge.agent.wait_for_session(1)
+    if barge_in:
+        await trio.sleep(0.5)
+        await bridge.agent.barge_in(session.session_id)
+        await trio.sleep(0.2)
+    else:
+        with trio.fail_after(20):
+            while not session.replies_sent:
+                await trio.sleep(0.02)
+        await trio.sleep(2.5)  # the 3.45 s greeting plays at speed 2 (CallPlan)
+    await bridge.agent.user_turn(session.session_id, "I would like to book a table please")
+
+
+async def one_call(bridge: Running, *, hangup_after_s: float = 14.0, barge_in: bool = False) -> Any:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: talk(bridge, barge_in=barge_in))
+        with trio.fail_after(60):
+            result = await bridge.twilio.call(CallPlan(speed=2.0, hangup_after_s=hangup_after_s))
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def check_record(record: dict[str, Any], call_sid: str) -> None:
+    assert record["call_sid"] == call_sid and record["live"] is False
+    assert record["outcome"] == "caller_hung_up"
+    assert record["direction"] == "inbound" and record["from"] == "+14155550123"
+    assert record["started_at"].endswith("Z") and record["ended_at"].endswith("Z")
+    assert 0 < record["duration_s"] < 60
+    assert len(record["agent_session_ids"]) == 1
+    assert 0 < record["upstream_open_s"] <= record["duration_s"] + 1
+    assert record["frames"]["from_twilio"] > 0 and record["frames"]["to_twilio"] > 0
+    speakers = [t["speaker"] for t in record["turns"]]
+    assert speakers[0] == "agent" and "caller" in speakers
+    greeting = record["turns"][0]
+    assert greeting["first_audio_ms"] is not None and greeting["first_audio_ms"] >= 0
+    assert greeting["response_ms"] is None
+    caller = next(t for t in record["turns"] if t["speaker"] == "caller")
+    assert caller["text"] == "I would like to book a table please"
+    answers = [t for t in record["turns"] if t["speaker"] == "agent" and t is not greeting]
+    assert answers and answers[0]["response_ms"] is not None and answers[0]["response_ms"] >= 0
+
+
+async def test_a_call_leaves_a_record_in_sqlite_readable_through_the_api() -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env={"CONSOLE_TOKEN": TOKEN}) as bridge:
+        assert bridge.settings.records_url.startswith("sqlite:///")
+        result = await one_call(bridge)
+        record = await stored_record(bridge, result.call_sid)
+        check_record(record, result.call_sid)
+        async with httpx.AsyncClient(base_url=bridge.http_base) as http:
+            via_api = (await http.get(f"/api/calls/{result.call_sid}", headers=AUTH)).json()
+            listing = (await http.get("/api/calls", headers=AUTH)).json()
+        assert via_api == record
+        assert listing["calls"][0]["call_sid"] == result.call_sid
+        metrics = bridge.app.metrics.render().decode()
+    assert "bridge_first_audio_seconds_count 1.0" in metrics
+    assert "bridge_turn_response_seconds_count" in metrics
+    assert 'bridge_agent_audio_seconds_total{kind="said"}' in metrics
+
+
+async def test_a_call_leaves_a_record_in_postgresql(pg_url: str) -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env={"RECORDS_URL": pg_url}) as bridge:
+        result = await one_call(bridge)
+        check_record(await stored_record(bridge, result.call_sid), result.call_sid)
+
+
+async def test_api_404_without_token_401_wrong_token_and_live_true_during_the_call() -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config) as bridge, httpx.AsyncClient(base_url=bridge.http_base) as http:
+        assert (await http.get("/api/calls", headers=AUTH)).status_code == 404
+    async with running_bridge(agent_config=config, env={"CONSOLE_TOKEN": TOKEN}) as bridge:
+        seen: dict[str, Any] = {}
+
+        async def look_while_live() -> None:
+            async with httpx.AsyncClient(base_url=bridge.http_base) as http:
+                with trio.fail_after(20):
+                    while bridge.app.records is None or not bridge.app.records.live_count():
+                        await trio.sleep(0.02)
+                sid = bridge.app.records.live_summaries()[0]["call_sid"]
+                seen["wrong"] = (await http.get(f"/api/calls/{sid}", headers={"Authorization": "Bearer nope"}))
+                seen["missing"] = await http.get(f"/api/calls/{sid}")
+                seen["live"] = (await http.get(f"/api/calls/{sid}", headers=AUTH)).json()
+                seen["list"] = (await http.get("/api/calls", headers=AUTH)).json()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_while_live)
+            with trio.fail_after(60):
+                result = await bridge.twilio.call(CallPlan(speed=2.0, hangup_after_s=3.0))
+        assert seen["wrong"].status_code == 401 and seen["missing"].status_code == 401
+        assert seen["live"]["live"] is True and seen["live"]["call_sid"] == result.call_sid
+        assert seen["live"]["ended_at"] is None
+        assert seen["list"]["calls"][0]["live"] is True
+        assert (await stored_record(bridge, result.call_sid))["live"] is False
+
+
+@pytest.mark.skipif(
+    not hasattr(ag, "TranscriptAgentDelta"), reason="bridge/agent/events.py does not parse transcript.agent.delta yet"
+)
+async def test_barge_in_heard_text_is_a_strict_prefix_of_what_was_said() -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=1.0)
+    async with running_bridge(agent_config=config) as bridge:
+        result = await one_call(bridge, barge_in=True, hangup_after_s=8.0)
+        record = await stored_record(bridge, result.call_sid)
+    greeting = record["turns"][0]
+    assert greeting["interrupted"] is True
+    assert greeting["text"].startswith(greeting["heard_text"]) and greeting["heard_text"] != greeting["text"]
+    assert greeting["heard_ms"] < greeting["said_ms"]
+
+
+async def test_the_database_stopped_mid_call_costs_the_call_nothing_and_the_record_lands_later(
+    pg_url: str, postgres_server: PostgresServer
+) -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env={"RECORDS_URL": pg_url}) as bridge:
+        store = bridge.app.record_store
+        assert store is not None
+        with trio.fail_after(20):
+            await store.ready.wait()
+
+        async def stop_database_mid_call() -> None:
+            session = await bridge.agent.wait_for_session(1)
+            assert session is not None
+            await trio.to_thread.run_sync(postgres_server.stop)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_database_mid_call)
+            nursery.start_soon(lambda: talk(bridge))
+            with trio.fail_after(60):
+                result = await bridge.twilio.call(CallPlan(speed=2.0, hangup_after_s=14.0))
+        assert result.ended_by == "caller" and result.violations == []
+        assert bridge.agent.greeting_audio in result.heard  # the call went on as usual
+        with trio.fail_after(20):
+            while store.up:
+                await trio.sleep(0.05)
+        assert store.pending == 1
+        await trio.to_thread.run_sync(postgres_server.start)
+        record = await stored_record(bridge, result.call_sid, timeout_s=60)
+        check_record(record, result.call_sid)
+        assert store.pending == 0
