@@ -17,6 +17,7 @@ PURE_MODULES = [
     "bridge.call.state",
     "bridge.call.playback",
     "bridge.call.ports",
+    "bridge.call.upstream",
     "bridge.config",
     "bridge.phone.security",
     "bridge.phone.twiml",

@@ -78,10 +78,10 @@ def make_setup(**policy: Any) -> CallSetup:
 class Call:
     """A running session plus the two peers a test drives."""
 
-    def __init__(self, nursery: trio.Nursery, setup: CallSetup | None = None) -> None:
+    def __init__(self, nursery: trio.Nursery, setup: CallSetup | None = None, connect: Any = None) -> None:
         self.phone_sock, self.twilio = socket_pair()
         self.connector = AgentConnector()
-        self.session = CallSession(setup or make_setup(), self.phone_sock, self.connector)
+        self.session = CallSession(setup or make_setup(), self.phone_sock, connect or self.connector)
         self.script = TwilioScript()
         self.summary: Any = None
         self.done = trio.Event()
@@ -528,7 +528,7 @@ async def test_an_upstream_that_stops_reading_is_cut_and_resumed(nursery: trio.N
 async def test_an_upstream_that_stops_answering_pings_is_cut_and_resumed(
     nursery: trio.Nursery, autojump_clock: Any
 ) -> None:
-    from bridge.call.session import KEEPALIVE_S, PING_TIMEOUT_S
+    from bridge.agent.leg import KEEPALIVE_S, PING_TIMEOUT_S
 
     call = Call(nursery)
     await call.start()
@@ -646,8 +646,7 @@ async def test_every_connect_error_of_a_group_is_heeded(nursery: trio.Nursery, a
             await trio.testing.wait_all_tasks_blocked()  # the reader has failed first
         raise UpstreamError("unauthorized", "the API key was revoked", retryable=False)
 
-    call = Call(nursery)
-    call.session._connect_agent = connect
+    call = Call(nursery, connect=connect)
     t0 = trio.current_time()
     await call.twilio.send(call.script.start())
     await call.done.wait()

@@ -32,6 +32,7 @@ from bridge.call.state import (
     SendAgent,
     SendPhone,
     Transfer,
+    TransferOutcome,
 )
 from bridge.phone import media as tw
 from bridge.records.facts import AudioWritten, ClearSent, DtmfPressed, MarkPlayed, ToolFinished, ToolStarted
@@ -208,7 +209,7 @@ def transfer_started() -> Step:
 
 
 def transfer_failed() -> Step:
-    return lambda s: (s.on_transfer_failed(), [])[1]
+    return lambda s: s.on_transfer_result("c1", TransferOutcome.FAILED, 0.0)
 
 
 LIVE = [P(start(), 0.0), A(ready(), 0.5)]
@@ -1057,7 +1058,7 @@ def _step(kind: str, index: int, dt: float) -> Callable[[CallState, float], list
         return (
             (lambda s, now: (s.on_transfer_started(), [])[1])
             if index % 2
-            else (lambda s, now: (s.on_transfer_failed(), [])[1])
+            else (lambda s, now: s.on_transfer_result(f"c{index % 5}", TransferOutcome.FAILED, now))
         )
     return lambda s, now: s.end_now("shutdown", Outcome.SERVER_SHUTDOWN)
 
@@ -1266,3 +1267,53 @@ def test_barge_in_sends_the_clear_first_then_says_so() -> None:
 def test_records_off_sends_no_periodic_marks_and_no_facts() -> None:
     _, out = run([*LIVE, *speaking("r1", 30), A(speech_started(), 2.0), P(mark("played-1"), 2.1)])
     assert all(not isinstance(a, Fact) and a != audio_mark(1) for actions in out for a in actions)
+
+
+# --- what the model is told after a transfer, and connect refusals --------------------------------
+
+TRANSFER_TO = "+14155550100"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "text", "is_error", "transferring"),
+    [
+        (
+            TransferOutcome.UNAVAILABLE,
+            '{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}',
+            True,
+            False,
+        ),
+        (TransferOutcome.FAILED, '{"error":"the transfer failed; apologise and offer to help"}', True, False),
+        (TransferOutcome.STARTED, '{"ok":true,"note":"transferring"}', False, True),
+    ],
+)
+def test_what_the_model_is_told_after_a_transfer(
+    outcome: TransferOutcome, text: str, is_error: bool, transferring: bool
+) -> None:
+    asked = [
+        *LIVE,
+        A(reply_started("r1"), 1.0),
+        A(tool_call("c1", "transfer_call", {"number": TRANSFER_TO}), 1.1),
+        A(reply_done("r1"), 1.2),
+    ]
+    state, out = run(asked, CallPolicy(transfer_numbers=(TRANSFER_TO,)))
+    assert Transfer("c1", TRANSFER_TO) in out[3]
+    state.on_transfer_started()
+    assert quiet(state.on_transfer_result("c1", outcome, 2.0)) == [result("c1", text, is_error)]
+    assert state.transferring is transferring
+
+
+@pytest.mark.parametrize(
+    ("before", "code", "retry"),
+    [
+        ([P(start(), 0.0)], "at_capacity", True),
+        ([P(start(), 0.0)], "concurrency_exceeded", True),
+        ([P(start(), 0.0)], "unauthorized", False),
+        (LIVE, "at_capacity", False),  # after ready it is an error of the live session
+    ],
+)
+def test_which_refusals_before_ready_are_retried(before: list[Step], code: str, retry: bool) -> None:
+    state, _ = run(before)
+    event = error(code)
+    assert isinstance(event, ag.SessionError)
+    assert state.connect_refused_for_now(event) is retry

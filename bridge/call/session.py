@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import trio
-import trio_websocket
 
 from bridge.agent import events as ag
+from bridge.agent.leg import CLOSE_S, AgentConnector, AgentLeg
 from bridge.call import state as st
 from bridge.call.context import CallContext
 from bridge.call.ports import CallRecorderPort, MessageSocket, SocketClosed
-from bridge.errors import BridgeError, UpstreamError
+from bridge.errors import BridgeError
 from bridge.observe import CallTags, Metrics, call_tags
 from bridge.phone import media as tw
 from bridge.phone import twiml
@@ -49,17 +49,12 @@ AGENT_OUT_FRAMES = 50
 # the call is ended as stuck (agent audio is never dropped).
 PHONE_OUT_FRAMES = 1024
 SEND_DEADLINE_S = 5.0  # a peer that takes longer than this to accept one frame is stuck
-RESUME_BACKOFF_S = 0.25
-KEEPALIVE_S = 10.0  # ping the upstream this often...
-PING_TIMEOUT_S = 5.0  # ...and treat it as dropped when the pong is this late (a read stall)
 GOODBYE_S = 0.75  # session.end -> session.ended; keeps the whole teardown under one second
-CLOSE_S = 0.25  # closing each socket, shielded
 TICK_S = 0.25  # deadlines are coarse (seconds): 4 wake-ups per call per second are plenty
 REST_DEADLINE_S = 10.0
 SILENCE_FRAME_MS = 20
 
 
-AgentConnector = Callable[[trio.Nursery], Awaitable[MessageSocket]]
 
 
 class ToolRunner(Protocol):
@@ -122,10 +117,8 @@ class CallSession:
         )
         self._recorder = setup.recorder
         self._phone = phone
-        self._connect_agent = connect_agent
         self._clock = clock
-        self._agent: MessageSocket | None = None
-        self._session_end_sent = False
+        self._leg = AgentLeg(connect_agent, self, metrics=setup.metrics, clock=clock)
         self._end_action: st.EndCall | None = None
         self._ended = trio.Event()
         self._upstream_gone = trio.Event()
@@ -239,71 +232,41 @@ class CallSession:
 
     # --- the agent leg ----------------------------------------------------------------------
 
-    async def _agent_leg(self, resume_session_id: str | None, attempt: int) -> None:
-        """Connect (or resume), then read the agent until its socket ends. One leg per socket."""
-        if resume_session_id is not None:
-            await trio.sleep(min(RESUME_BACKOFF_S * 2 ** (attempt - 1), 2.0))
-            first_message = ag.session_resume(resume_session_id)
+    async def _run_leg(self, action: st.ConnectAgent) -> None:
+        """One ``ConnectAgent``: the leg opens (or resumes) the upstream session and serves it."""
+        session_id = action.resume_session_id
+        if session_id is not None:
+            resume = ag.session_resume(session_id)
+
+            async def first_message() -> str:
+                return resume
+
         else:
-            try:
-                config = await self.setup.session_config(self._context())
-            except BridgeError as exc:
-                self._apply(self.state.on_agent_connect_failed(self._clock(), str(exc)))
-                return
-            first_message = ag.session_update(config)
-        backoff_s = RESUME_BACKOFF_S
-        metrics = self.setup.metrics
-        while not self.state.ending:
-            retry_reason: str | None = None
-            failures: list[BaseException] = []
-            broken = False
-            sock: MessageSocket | None = None
-            reader_done = False  # False in finally: the leg was cancelled with its socket open
-            try:
-                async with trio.open_nursery() as ws_nursery:
-                    sock = await self._connect_agent(ws_nursery)
-                    self._agent = sock
-                    self._fact(facts.UpstreamOpened(self._clock()))  # billing runs from here
-                    if metrics:
-                        metrics.upstream_connects.labels("ok").inc()
-                        if resume_session_id is not None:
-                            metrics.upstream_resumes.labels("attempted").inc()
-                    await sock.send(first_message)
-                    if resume_session_id is not None:
-                        await self._resend_control(sock)
-                    ws_nursery.start_soon(self._agent_tx, sock)
-                    ws_nursery.start_soon(self._keepalive, sock)
-                    retry_reason = await self._agent_rx(sock)
-                    reader_done = True
-                    ws_nursery.cancel_scope.cancel()
-            except* _CONNECT_ERRORS as group:
-                failures = _leaves(group)
-            except* Exception as group:  # a bug of ours in the leg: log every member, end the call
-                for member in _leaves(group):
-                    log.error("the agent leg failed", exc_info=member)
-                broken = True
-            finally:
-                if sock is not None:
-                    with trio.CancelScope(shield=True):
-                        await self._retire_agent(sock, say_goodbye=not reader_done)
-                    self._fact(facts.UpstreamClosed(self._clock()))
-            if broken:
-                self._apply(self.state.on_agent_connect_failed(self._clock(), "internal error in the agent leg"))
-                return
-            if failures:
-                if metrics:
-                    metrics.upstream_connects.labels("failed").inc()
-                # Every member counts: one error that no retry will cure ends the attempt.
-                detail = "; ".join(_describe_connect_error(exc) for exc in failures)
-                if not all(_retryable(exc) for exc in failures):
-                    self._apply(self.state.on_agent_connect_failed(self._clock(), detail))
-                    return
-                retry_reason = detail
-            if retry_reason is None:
-                return
-            log.warning("Voice Agent not available (%s): retrying in %.2f s", retry_reason, backoff_s)
-            await trio.sleep(backoff_s)  # the ready/resume deadline (ticker) bounds the whole loop
-            backoff_s = min(backoff_s * 2, 2.0)
+
+            async def first_message() -> str:
+                return ag.session_update(await self.setup.session_config(self._context()))
+
+        await self._leg.run(first_message, resume_attempt=action.attempt if session_id is not None else 0)
+
+    # The leg's host (agent/leg.py LegHost) -----------------------------------------------------
+
+    @property
+    def ending(self) -> bool:
+        return self.state.ending
+
+    @property
+    def upstream_ended(self) -> bool:
+        return self.state.upstream_ended
+
+    def connect_failed(self, detail: str) -> None:
+        self._apply(self.state.on_agent_connect_failed(self._clock(), detail))
+
+    async def serve(self, nursery: trio.Nursery, sock: MessageSocket, *, resumed: bool) -> str | None:
+        """The pumps over one open upstream socket: the writer in ``nursery``, the reader here."""
+        if resumed:
+            await self._resend_control(sock)
+        nursery.start_soon(self._agent_tx, sock)
+        return await self._agent_rx(sock)
 
     async def _resend_control(self, sock: MessageSocket) -> None:
         """After a resume: drop caller audio queued before the drop (never burst it upstream),
@@ -330,36 +293,7 @@ class CallSession:
             self._unsent_control = item
             raise
         if item is _SESSION_END:
-            self._session_end_sent = True
-
-    async def _keepalive(self, sock: MessageSocket) -> None:
-        """A silent upstream is normal; one that stops answering pings is dead: drop it (resume)."""
-        while True:
-            await trio.sleep(KEEPALIVE_S)
-            try:
-                with trio.fail_after(PING_TIMEOUT_S):
-                    await sock.ping()
-            except trio.TooSlowError:
-                log.warning("Voice Agent did not answer a ping within %g s: dropping the connection", PING_TIMEOUT_S)
-                await sock.abort()
-                return
-            except SocketClosed:
-                return
-
-    async def _retire_agent(self, sock: MessageSocket, *, say_goodbye: bool) -> None:
-        """Close one upstream socket (shielded by the caller, bounded here). If the call is ending
-        and the agent never said goodbye, send ``session.end`` first: a bare close keeps the
-        session billed for its 30 s grace window."""
-        with trio.move_on_after(2 * CLOSE_S):
-            if say_goodbye and not self._session_end_sent and not self.state.upstream_ended:
-                try:
-                    await sock.send(ag.SESSION_END)
-                    self._session_end_sent = True
-                except SocketClosed:
-                    pass
-            await sock.aclose()
-        if self._agent is sock:
-            self._agent = None
+            self._leg.session_end_sent = True
 
     async def _agent_rx(self, sock: MessageSocket) -> str | None:
         """Read the agent until its socket closes. Returns a reason to retry the connect, or None."""
@@ -390,7 +324,7 @@ class CallSession:
             if isinstance(event, ag.SessionError):
                 if metrics:
                     metrics.upstream_errors.labels(_metric_code(event.code)).inc()
-                if state.phase is st.Phase.CONNECTING and event.code in ag.RETRYABLE_CONNECT_CODES:
+                if state.connect_refused_for_now(event):
                     return f"session.error {event.code}: {event.message}"
             elif isinstance(event, ag.SessionReady):
                 self._tags.session_id = event.session_id
@@ -426,7 +360,7 @@ class CallSession:
                     finally:
                         self._agent_send_since = None
                     if item is _SESSION_END:
-                        self._session_end_sent = True
+                        self._leg.session_end_sent = True
                     try:
                         item = recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
@@ -491,14 +425,7 @@ class CallSession:
     async def _transfer(self, action: st.Transfer) -> None:
         control, call_sid = self.setup.control, self.state.call_sid
         if control is None or not call_sid:
-            self._apply(
-                self.state.on_tool_done(
-                    action.call_id,
-                    '{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}',
-                    True,
-                    self._clock(),
-                )
-            )
+            self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.UNAVAILABLE, self._clock()))
             return
         self.state.on_transfer_started()  # before the request: Twilio's stop may beat its answer
         try:
@@ -507,16 +434,11 @@ class CallSession:
                     call_sid, twiml.dial(action.number, announcement=self.setup.transfer_announcement)
                 )
         except (BridgeError, trio.TooSlowError) as exc:
-            self.state.on_transfer_failed()
             log.warning("transfer to %s failed: %s", action.number, exc)
-            self._apply(
-                self.state.on_tool_done(
-                    action.call_id, '{"error":"the transfer failed; apologise and offer to help"}', True, self._clock()
-                )
-            )
+            self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.FAILED, self._clock()))
             return
         log.info("transferring the call to %s", action.number)
-        self._apply(self.state.on_tool_done(action.call_id, '{"ok":true,"note":"transferring"}', False, self._clock()))
+        self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.STARTED, self._clock()))
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -540,7 +462,7 @@ class CallSession:
             elif kind is st.EndCall:
                 self._begin_end(action)  # type: ignore[arg-type]
             elif kind is st.Fact:
-                self._fact(action.fact)  # type: ignore[union-attr]
+                self.fact(action.fact)  # type: ignore[union-attr]
             elif self._nursery is not None:
                 self._spawn(action)
 
@@ -563,7 +485,7 @@ class CallSession:
         assert self._nursery is not None
         if isinstance(action, st.ConnectAgent):
             self._tags.call_sid = self.state.call_sid
-            self._nursery.start_soon(self._agent_leg, action.resume_session_id, action.attempt)
+            self._nursery.start_soon(self._run_leg, action)
             self._resume_pending = action.resume_session_id is not None
             if self.setup.direction == "outbound" and action.resume_session_id is None:
                 self._nursery.start_soon(self._outbound_silence)
@@ -582,7 +504,8 @@ class CallSession:
         log.log(level, "call ending: %s", action.reason)
         self._ended.set()
 
-    def _fact(self, fact: facts.Fact) -> None:
+    def fact(self, fact: facts.Fact) -> None:
+        """Hand the recorder a fact (records on); a recorder that raises is dropped, never the call."""
         recorder = self._recorder
         if recorder is not None:
             try:
@@ -614,7 +537,7 @@ class CallSession:
     async def _goodbye(self) -> None:
         """Tell the agent we are done (``session.end``) and wait, bounded, for it to close."""
         end = self._end_action
-        if end is None or not end.end_upstream or self._agent is None:
+        if end is None or not end.end_upstream or self._leg.sock is None:
             return
         self._send_agent(_SESSION_END)  # behind whatever control is queued, never before it
         with trio.move_on_after(GOODBYE_S):
@@ -624,8 +547,9 @@ class CallSession:
         """Shielded by the caller. A call cancelled from outside still ends its upstream session."""
         for channel in (self._agent_out_send, self._agent_out_recv, self._phone_out_send, self._phone_out_recv):
             channel.close()
-        if self._agent is not None:  # normally each agent leg has already retired its socket
-            await self._retire_agent(self._agent, say_goodbye=True)
+        sock = self._leg.sock
+        if sock is not None:  # normally the leg has already retired its socket
+            await self._leg.retire(sock, say_goodbye=True)
         with trio.move_on_after(CLOSE_S):
             await self._phone.aclose(1000)
 
@@ -700,27 +624,3 @@ def _metric_code(code: str) -> str:
 
 _SESSION_END = st.SendAgent(ag.SESSION_END)
 
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    """Every exception of a (nested) group, in order."""
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-_CONNECT_ERRORS = (UpstreamError, trio_websocket.HandshakeError, OSError, trio.BrokenResourceError, SocketClosed)
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, UpstreamError):
-        return exc.retryable
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return exc.status_code >= 500 or exc.status_code == 429
-    return isinstance(exc, OSError)
-
-
-def _describe_connect_error(exc: BaseException) -> str:
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return f"handshake rejected with HTTP {exc.status_code}"
-    if isinstance(exc, UpstreamError):
-        return exc.message
-    return f"{type(exc).__name__}: {exc}"

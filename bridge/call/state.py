@@ -66,7 +66,21 @@ __all__ = [
     "SendAgent",
     "SendPhone",
     "Transfer",
+    "TransferOutcome",
 ]
+
+
+class TransferOutcome(Enum):
+    UNAVAILABLE = "unavailable"  # no Twilio REST credentials: nothing was tried
+    FAILED = "failed"  # the redirect was refused or timed out: the call goes on
+    STARTED = "started"  # Twilio is redirecting the call: its stop is the transfer
+
+
+_TRANSFER_RESULTS = {
+    TransferOutcome.UNAVAILABLE: ('{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}', True),
+    TransferOutcome.FAILED: ('{"error":"the transfer failed; apologise and offer to help"}', True),
+    TransferOutcome.STARTED: ('{"ok":true,"note":"transferring"}', False),
+}
 
 
 class Phase(Enum):
@@ -462,8 +476,17 @@ class CallState:
         """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""
         self.transferring = True
 
-    def on_transfer_failed(self) -> None:
-        self.transferring = False
+    def on_transfer_result(self, tool_call_id: str, outcome: TransferOutcome, now: float) -> list[Action]:
+        """How the REST redirect went, and what the model is told about it."""
+        if outcome is not TransferOutcome.STARTED:
+            self.transferring = False
+        result, is_error = _TRANSFER_RESULTS[outcome]
+        return self.on_tool_done(tool_call_id, result, is_error, now)
+
+    def connect_refused_for_now(self, event: ag.SessionError) -> bool:
+        """A refusal before the first ``session.ready`` that another connect may pass
+        (``at_capacity``, ``concurrency_exceeded``; reference §8): the leg retries with backoff."""
+        return self.phase is Phase.CONNECTING and event.code in ag.RETRYABLE_CONNECT_CODES
 
     def on_tick(self, now: float) -> list[Action]:
         """Deadlines: upstream ready, call length, goodbye mark, held tool results."""
