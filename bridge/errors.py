@@ -11,18 +11,6 @@ class ConfigError(BridgeError):
     """A setting is missing or malformed. The message is one line naming the variable and the fix."""
 
 
-class PeerProtocolError(BridgeError):
-    """A peer (Twilio or the Voice Agent API) sent something that breaks its protocol.
-
-    ``peer`` is ``"twilio"`` or ``"agent"``: the fault is theirs, not ours.
-    """
-
-    def __init__(self, peer: str, message: str) -> None:
-        super().__init__(f"{peer}: {message}")
-        self.peer = peer
-        self.message = message
-
-
 class UpstreamError(BridgeError):
     """The Voice Agent API could not be reached, refused us, or failed a session.
 

@@ -263,7 +263,7 @@ async def test_call_context_is_injected_not_described() -> None:
     t = tool_of(whoami)
     assert t is not None
     assert list(t.parameters["properties"]) == ["greeting"]
-    assert await t.invoke({"greeting": "hi"}, CTX) == "hi +14155550100"
+    assert await t.call(t.validate({"greeting": "hi"}), CTX) == "hi +14155550100"
     assert seen == [CTX, CTX]
     with pytest.raises(ToolArgumentError, match="unknown argument 'context'"):
         t.validate({"greeting": "hi", "context": {}})

@@ -221,11 +221,6 @@ class Tool:
             "required": required,
         }
 
-    @property
-    def function(self) -> Callable[..., Any]:
-        """The decorated function, unchanged."""
-        return self._fn
-
     def __repr__(self) -> str:
         return f"<Tool {self.name}({', '.join(self._params)})>"
 
@@ -266,16 +261,14 @@ class Tool:
                 kwargs[name] = None
         return kwargs
 
-    async def invoke(self, arguments: Mapping[str, Any] | None, context: CallContext) -> str:
-        """Validate ``arguments``, call the function and return its result as text.
+    async def call(self, kwargs: dict[str, Any], context: CallContext) -> str:
+        """Call the function with ``kwargs`` from :meth:`validate` (and ``context`` for its
+        context parameters); return its result as text.
 
-        Raises :class:`ToolArgumentError` for bad arguments and whatever the function raises.
-        Cancellation cancels an async tool; a sync tool's worker thread is abandoned (it runs to
-        completion in the background and its result is dropped).
+        Raises whatever the function raises. Cancellation cancels an async tool; a sync tool's
+        worker thread is abandoned (it runs to completion in the background and its result is
+        dropped).
         """
-        return await self._call(self.validate(arguments), context)
-
-    async def _call(self, kwargs: dict[str, Any], context: CallContext) -> str:
         for name in self._context_params:
             kwargs[name] = context
         if self._is_async:
@@ -409,7 +402,7 @@ class ToolRegistry:
             return _error(str(exc)), True
         with trio.move_on_after(timeout_s):
             try:
-                return await found._call(kwargs, context), False
+                return await found.call(kwargs, context), False
             except Exception as exc:
                 log.warning("tool %r raised %s", name, type(exc).__name__, exc_info=True)
                 text = str(exc)

@@ -136,9 +136,7 @@ class TrioHttpClient(AsyncHttpClient):  # type: ignore[misc]  # twilio ships no 
                 0, None, f"request to the Twilio API at {origin} failed ({_describe(exc)})"
             ) from exc
         self.logger.debug("Twilio REST %s %s -> %d", method.upper(), url, answer.status_code)
-        response = Response(answer.status_code, answer.text, dict(answer.headers))
-        self._test_only_last_response = response
-        return response
+        return Response(answer.status_code, answer.text, dict(answer.headers))
 
     async def close(self) -> None:
         """Close the pooled connections. The client cannot be used afterwards."""
