@@ -136,6 +136,12 @@ class Metrics:
         self.webhooks = Counter(
             "bridge_webhooks", "Webhook requests by route and result", ["route", "result"], registry=r
         )
+        self.call_statuses = Counter(
+            "bridge_call_statuses",
+            "Twilio call status callbacks by CallStatus (busy, no-answer, failed: calls nobody answered)",
+            ["status"],
+            registry=r,
+        )
         self.rejected_streams = Counter(
             "bridge_rejected_streams", "Media Streams refused before accept", ["reason"], registry=r
         )

@@ -89,12 +89,12 @@ async def drain(app: BridgeApp, settings: Settings) -> None:
     app.start_drain()
     log.info("draining: %d live call(s), up to %g s", app.active_calls, settings.drain_seconds)
     with trio.move_on_after(settings.drain_seconds):
-        await app.idle.wait()
+        await app.calls.idle.wait()
     if app.active_calls:
         log.info("drain time is up: ending %d call(s)", app.active_calls)
         app.end_all_calls("server shutting down")
         with trio.move_on_after(_FINAL_END_S):
-            await app.idle.wait()
+            await app.calls.idle.wait()
     log.info("drained: stopping the server")
 
 

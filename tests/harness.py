@@ -108,7 +108,7 @@ async def running_bridge(
         finally:
             shutdown.set()
             with trio.move_on_after(10):
-                await app.idle.wait()
+                await app.calls.idle.wait()
             nursery.cancel_scope.cancel()
 
 

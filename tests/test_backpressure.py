@@ -74,7 +74,7 @@ class Peaks:
 
 async def sample_queues(bridge: Running, peaks: Peaks) -> None:
     while True:
-        for s in list(bridge.app._sessions.values()):
+        for s in list(bridge.app.calls.by_id.values()):
             sid = s.state.call_sid
             agent_out = s._agent_out_send.statistics().current_buffer_used
             phone_out = s._phone_out_send.statistics().current_buffer_used
@@ -340,7 +340,7 @@ async def test_tool_result_goes_out_while_caller_audio_is_dropped(caplog: pytest
         nursery.start_soon(call)
         with trio.fail_after(10):
             session = await bridge.agent.wait_for_session(1)
-        (live,) = bridge.app._sessions.values()
+        (live,) = bridge.app.calls.by_id.values()
         await wait_until(lambda: live.stats.frames_dropped_backpressure > 0, 5)  # the queue is full
         dropped_at_call = live.stats.frames_dropped_backpressure
         call_id = await bridge.agent.tool_call(session.session_id, "generate_random_number", {"min": 1, "max": 10})

@@ -11,7 +11,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,13 @@ from bridge.call.signals import CallSignals
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
 from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
-from bridge.observe import Metrics, release_free_memory
+from bridge.observe import Metrics
 from bridge.phone.security import SignatureChecker, StreamGrant
 from bridge.phone.stream import STREAM_PREFIX, Receive, Scope, Send, header
 from bridge.records.recorder import CallRecorder
 from bridge.records.runtime import open_records
 from bridge.web.api import register_api
-from bridge.web.webhooks import CallOutcomeRecord, build_quart
+from bridge.web.webhooks import build_quart
 
 log = logging.getLogger("bridge.web")
 
@@ -63,13 +63,12 @@ class BridgeApp:
     def __init__(self, settings: Settings, collaborators: Collaborators, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.deps = collaborators
-        self.calls = CallRegistry[CallSession]()
+        self.calls = CallRegistry[CallSession, trio.Event](trio.Event)
         self.metrics = metrics or Metrics(live_stats=self._live_stats)
         clock = collaborators.wall_clock
         self.shared = collaborators.shared or InProcessState(settings.max_concurrent_calls, clock=clock)
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
         self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
-        self.call_outcomes: dict[str, CallOutcomeRecord] = {}
         self.call_signals = CallSignals()  # out-of-band news per CallSid (the AMD result)
         # Call records (RECORDS=on): a recorder per call; the store's writer runs in the server.
         self.records_runtime = open_records(settings, self.metrics, collaborators.wall_clock)
@@ -77,8 +76,6 @@ class BridgeApp:
         self.record_store = self.records_runtime.store if self.records_runtime else None
         self.quart = build_quart(self)
         register_api(self.quart, self)
-        self.idle = trio.Event()
-        self.idle.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.quart(scope, receive, send)  # type: ignore[arg-type]
@@ -91,11 +88,7 @@ class BridgeApp:
         await self.records_runtime.run(task_status)
 
     def _live_stats(self) -> list[object]:
-        return [s.stats for s in self.calls.live()]
-
-    @property
-    def _sessions(self) -> Mapping[str, CallSession]:
-        return self.calls.by_id
+        return [s.stats for s in self.calls.by_id.values()]
 
     @property
     def active_calls(self) -> int:
@@ -159,19 +152,16 @@ class BridgeApp:
         return session
 
     async def run_call(self, session: CallSession) -> None:
-        """Run an admitted call to its end (the socket is accepted by now)."""
+        """Run an admitted call to its end (the socket is accepted by now). The call stays in
+        :attr:`calls` until its slot is given back, so a drain waits for that too."""
         call_id = session.setup.call_id
         self.calls.add(call_id, session)
-        self.idle = trio.Event() if self.idle.is_set() else self.idle
         try:
             await session.run()
         finally:
-            self.calls.remove(call_id)
             with trio.move_on_after(_RELEASE_S, shield=True):
                 await self.shared.release(call_id)
-            if not self.calls:
-                self.idle.set()
-                release_free_memory()
+            self.calls.remove(call_id)
 
     def _call_setup(self, call_id: str, grant: StreamGrant) -> CallSetup:
         s = self.settings

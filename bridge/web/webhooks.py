@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from quart import Response, request
@@ -33,21 +32,16 @@ log = logging.getLogger("bridge.web")
 _CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 _MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook bodies are ~1-2 KB
 _CLOSE = {"Connection": "close"}  # we did not read the body: the connection cannot be reused
+# Twilio's CallStatus values (reference twilio.md §3): the metric's labels; anything else is "other".
+CALL_STATUSES = frozenset(
+    {"queued", "initiated", "ringing", "in-progress", "completed", "busy", "failed", "no-answer", "canceled"}
+)
 _CALL_STATUS_LOG = {
     "busy": logging.WARNING,
     "failed": logging.WARNING,
     "no-answer": logging.WARNING,
     "canceled": logging.WARNING,
 }
-
-
-@dataclass
-class CallOutcomeRecord:
-    call_sid: str
-    status: str
-    duration_s: str | None = None
-    sip_code: str | None = None
-    direction: str | None = None
 
 
 async def verified_form(app: BridgeApp, route: str) -> tuple[dict[str, str], Response | None]:
@@ -134,22 +128,15 @@ def build_quart(app: BridgeApp) -> QuartTrio:
         form, refusal = await verified_form(app, "/call-status")
         if refusal:
             return refusal
-        record = CallOutcomeRecord(
-            call_sid=form.get("CallSid", "")[:64],
-            status=form.get("CallStatus", "")[:32],
-            duration_s=form.get("CallDuration") or None,
-            sip_code=form.get("SipResponseCode") or None,
-            direction=form.get("Direction") or None,
-        )
-        if record.call_sid:
-            if len(app.call_outcomes) > 10_000:
-                app.call_outcomes.pop(next(iter(app.call_outcomes)))
-            app.call_outcomes[record.call_sid] = record
-        event = form.get("StatusCallbackEvent") or record.status
-        level = _CALL_STATUS_LOG.get(record.status, logging.INFO)
-        extra = "".join(f" {k}={v}" for k, v in (("duration", record.duration_s), ("sip", record.sip_code)) if v)
-        hint = " (the callee did not pick up)" if record.status in ("busy", "no-answer") else ""
-        log.log(level, "call %s status %s (event %s)%s%s", record.call_sid, record.status, event, extra, hint)
+        call_sid = form.get("CallSid", "")[:64] or "?"
+        status = form.get("CallStatus", "")[:32]
+        app.metrics.call_statuses.labels(status if status in CALL_STATUSES else "other").inc()
+        event = form.get("StatusCallbackEvent", "")[:32] or status
+        level = _CALL_STATUS_LOG.get(status, logging.INFO)
+        details = (("duration", form.get("CallDuration")), ("sip", form.get("SipResponseCode")))
+        extra = "".join(f" {k}={v[:16]}" for k, v in details if v)
+        hint = " (the callee did not pick up)" if status in ("busy", "no-answer") else ""
+        log.log(level, "call %s status %s (event %s)%s%s", call_sid, status or "?", event, extra, hint)
         return Response("", status=204)
 
     @quart.post("/stream-status")
