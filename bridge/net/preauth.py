@@ -66,9 +66,6 @@ class PendingConnections(Generic[K]):
     def __len__(self) -> int:
         return len(self._pending)
 
-    def pending_from(self, address: str) -> int:
-        return self._per_peer.get(peer_key(address), 0)
-
     def is_trusted(self, address: str) -> bool:
         known = self._trusted_cache.get(address)
         if known is not None:
