@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit outbound demo bench image clean
+.PHONY: run test lint typecheck unit outbound demo console-demo bench image clean
 
 # Says what it does (the first run takes ~30 s): one line, then a dot per line pip prints; pip's
 # whole output goes to $(VENV)/install.log and its end is shown if pip fails. Later runs skip it.
@@ -37,8 +37,11 @@ unit: $(STAMP)
 outbound: $(STAMP)  ## place an outbound call: make outbound [TO=+1555...] [FROM=+1555...]
 	@$(BIN)/python -m bridge call $(if $(TO),--to $(TO)) $(if $(FROM),--from $(FROM))
 
-demo: $(STAMP)  ## offline demo: bridge + fake agent + simulated call -> demo-call.wav
-	@$(BIN)/python -m tools.demo
+demo: $(STAMP)  ## offline demo: bridge + fake agent + simulated call -> demo-call.wav and the call's record; KEEP=1 keeps the console up
+	@$(BIN)/python -m tools.demo $(if $(KEEP),--keep)
+
+console-demo: $(STAMP)  ## the console with a simulated call now and every 60 s, until Ctrl-C
+	@$(BIN)/python -m tools.console_demo
 
 bench: $(STAMP)  ## load benchmark: writes bench-results/ and prints the table
 	@$(BIN)/python -m tools.loadtest
