@@ -1,25 +1,32 @@
 """Offline demo: hear the bridge work with no accounts and no configuration.
 
-Starts the fake Voice Agent and the real bridge (``python -m bridge serve``) on loopback, places
-one simulated Twilio call whose caller speaks a real recorded question, writes what the caller
-heard to ``demo-call.wav``, prints the call's timeline and the bridge's log of the call, and stops
-everything cleanly. ``make demo`` runs it; ``--speed 4`` runs it four times faster.
+Starts the fake Voice Agent and the real bridge (``python -m bridge serve``, with its console and
+call records in a temporary folder) on loopback, prints the console's URL and a demo token,
+places one simulated Twilio call whose caller speaks a real recorded question, writes what the
+caller heard to ``demo-call.wav``, prints the call's timeline, the bridge's log of the call and
+the call's record as the records API gives it (turn latencies, said vs heard), and stops
+everything cleanly. ``make demo`` runs it; ``--speed 4`` runs it four times faster; ``--keep``
+keeps the bridge up after the call, until Ctrl-C, so the call can be read in the console.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
+from bridge.records.report import format_record
 from tools.fake_twilio import CallPlan, CallResult, FakeTwilio
 from tools.mulaw import write_wav_from_ulaw
 from tools.simulate_call import format_report
@@ -28,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "tools" / "audio"
 DEMO_TOKEN = "demo0000000000000000000000000000"  # a stand-in Twilio auth token: signatures are checked
 PAUSE_BEFORE_QUESTION_S = 4.5  # let the greeting play before the caller speaks
+RECORD_WAIT_S = 15.0  # the record is written by the bridge's writer task within milliseconds of the end
 
 
 def _free_port() -> int:
@@ -37,8 +45,10 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("wb")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: a Ctrl-C reaches only the demo, which then stops the servers in
+    # order (bridge first), so each exits cleanly and says so.
+    with log_path.open("wb") as log:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
@@ -77,19 +87,60 @@ def _stop(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
+def _fetch_record(base: str, token: str, call_sid: str) -> dict[str, Any] | None:
+    """The finished record of ``call_sid`` from the bridge's records API, or None after RECORD_WAIT_S."""
+    deadline = time.monotonic() + RECORD_WAIT_S
+    headers = {"Authorization": f"Bearer {token}"}
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base}/api/calls/{call_sid}", headers=headers, timeout=2)
+        except httpx.HTTPError:
+            response = None
+        if response is not None and response.status_code == 200:
+            record: dict[str, Any] = response.json()
+            if not record.get("live"):
+                return record
+        time.sleep(0.1)
+    return None
+
+
+def _wait_for_ctrl_c(bridge: subprocess.Popen[bytes]) -> None:
+    """Until Ctrl-C or SIGTERM (or the bridge exits by itself)."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while bridge.poll() is None:
+            time.sleep(0.2)
+        print(f"demo: the bridge exited by itself (exit code {bridge.returncode})")
+    except KeyboardInterrupt:
+        print("\ndemo: stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--speed", type=float, default=1.0, help="time scale (1 = real time)")
     parser.add_argument("--out", default="demo-call.wav", help="where to write what the caller heard")
-    parser.add_argument("--logs", default=None, help="folder for the two servers' logs (default: a temp folder)")
+    parser.add_argument("--logs", default=None, help="folder for the servers' logs and the call records "
+                        "(default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="after the call, keep the bridge and its console up "
+                        "until Ctrl-C")
+    parser.add_argument("--token", default=None, help="the console's token (default: a random demo token)")
     args = parser.parse_args(argv)
-
-    import tempfile
 
     log_dir = Path(args.logs or tempfile.mkdtemp(prefix="bridge-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     agent_port, bridge_port = _free_port(), _free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ASSEMBLYAI_", "BRIDGE_"))}
+    base = f"http://127.0.0.1:{bridge_port}"
+    token = args.token or "demo-" + secrets.token_urlsafe(18)
+    base_env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("TWILIO_", "ASSEMBLYAI_", "BRIDGE_", "CONSOLE_", "RECORD"))
+    }  # fmt: skip
     python = sys.executable
 
     agent_log = log_dir / "fake-agent.log"
@@ -101,31 +152,31 @@ def main(argv: list[str] | None = None) -> int:
     bridge_log = log_dir / "bridge.log"
     bridge_env = base_env | {
         "ASSEMBLYAI_API_KEY": "demo-key-not-a-real-key",
-        "PUBLIC_HOSTNAME": f"http://127.0.0.1:{bridge_port}",
+        "PUBLIC_HOSTNAME": base,
         "PORT": str(bridge_port),
         "BIND_HOST": "127.0.0.1",
         "VOICE_AGENT_URL": f"ws://127.0.0.1:{agent_port}/v1/ws",
         "TWILIO_AUTH_TOKEN": DEMO_TOKEN,
         "CALLER_AUDIO_BURST_MS": str(int(2000 * max(args.speed, 1.0) * 10)),
+        "CONSOLE_TOKEN": token,
+        "RECORDS_URL": f"sqlite:///{(log_dir / 'calls.sqlite3').resolve()}",
         "LOG_LEVEL": "INFO",
     }
     bridge = None
     result: CallResult | None = None
+    record: dict[str, Any] | None = None
     try:
         _wait_for_line(agent_log, "listening", agent, "the fake agent")
         bridge = _start([python, "-m", "bridge", "serve"], bridge_env, bridge_log)
-        _wait_until_up(f"http://127.0.0.1:{bridge_port}/healthz", bridge, "the bridge", bridge_log)
-        print(f"demo: fake Voice Agent on ws://127.0.0.1:{agent_port}/v1/ws, bridge on http://127.0.0.1:{bridge_port}")
+        _wait_until_up(f"{base}/healthz", bridge, "the bridge", bridge_log)
+        print(f"demo: fake Voice Agent on ws://127.0.0.1:{agent_port}/v1/ws, bridge on {base}")
+        print(f"demo: the console: {base}/console  (sign in with the token {token})")
         print("demo: calling the bridge as Twilio would (signed webhook, signed Media Stream)...\n")
 
         silence = bytes([0xFF]) * int(PAUSE_BEFORE_QUESTION_S * 8000)
         question = (AUDIO / "caller.ulaw").read_bytes()
         plan = CallPlan(caller_audio=silence + question, speed=args.speed, hangup_after_s=16.0)
-        twilio = FakeTwilio(
-            http_base=f"http://127.0.0.1:{bridge_port}",
-            public_base=f"http://127.0.0.1:{bridge_port}",
-            auth_token=DEMO_TOKEN,
-        )
+        twilio = FakeTwilio(http_base=base, public_base=base, auth_token=DEMO_TOKEN)
 
         async def run_call() -> CallResult:
             with trio.fail_after(120):
@@ -137,18 +188,32 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(result, plan))
         heard_s = len(result.heard) / 8000
         print(f"\ndemo: wrote {out} ({heard_s:.1f} s of what the caller heard)")
+        _print_bridge_log(bridge_log)
+        record = _fetch_record(base, token, result.call_sid)
+        if record is None:
+            print(f"\ndemo: the call's record did not arrive within {RECORD_WAIT_S:g} s")
+        else:
+            print(f"\ndemo: the call's record (GET /api/calls/{result.call_sid}):")
+            print(format_record(record))
+        if args.keep:
+            print(f"\ndemo: the bridge stays up. Read the call in the console: {base}/console/calls/{result.call_sid}")
+            print(f"demo: sign in with the token {token}; Ctrl-C stops the bridge.", flush=True)
+            _wait_for_ctrl_c(bridge)
     finally:
         codes = [_stop(p) for p in (bridge, agent) if p is not None]
+    print(f"\ndemo: stopped the bridge and the fake agent (exit codes {codes}); logs and records in {log_dir}")
+    if result is None or result.violations or result.first_audio_s is None or record is None:
+        violations = result.violations if result else "no call"
+        print(f"demo: FAILED: violations={violations}, record={'yes' if record else 'none'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_bridge_log(bridge_log: Path) -> None:
     print("\ndemo: the bridge's log of the call:")
     for line in bridge_log.read_text(errors="replace").splitlines():
         if "bridge.call" in line or "bridge.web" in line:
             print("  " + line.split(" ", 2)[-1])
-    print(f"\ndemo: stopped the bridge and the fake agent (exit codes {codes}); logs in {log_dir}")
-    if result is None or result.violations or result.first_audio_s is None:
-        violations = result.violations if result else "no call"
-        print(f"demo: FAILED: violations={violations}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
