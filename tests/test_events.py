@@ -278,6 +278,28 @@ def test_error_code_sets_are_lower_case_and_consistent() -> None:
         assert all(c == c.lower() for c in codes)
     assert RESUME_FAILED_CODES <= FATAL_ERROR_CODES
     assert {"at_capacity", "concurrency_exceeded", "internal_error"} <= RETRYABLE_CONNECT_CODES
+    assert all(c == c.lower() for c in ag.ERROR_CODES)
+    assert FATAL_ERROR_CODES | RETRYABLE_CONNECT_CODES | RESUME_FAILED_CODES <= ag.ERROR_CODES
+    assert {"invalid_audio", "audio_rate_violation", "immutable_field"} <= ag.ERROR_CODES - FATAL_ERROR_CODES
+
+
+@pytest.mark.parametrize("message", ["no order A1", 'a "quoted" word', "naïve \\ back\nslash", ""])
+def test_tool_result_texts_are_json_the_model_can_read(message: str) -> None:
+    assert orjson.loads(ag.tool_error(message)) == {"error": message}
+    assert orjson.loads(ag.tool_ok(message)) == {"ok": True, "note": message}
+    assert orjson.loads(ag.TOOL_OK) == {"ok": True}
+    # A tool's exception text may carry a lone surrogate (surrogateescape): still JSON, never a crash.
+    assert orjson.loads(ag.tool_error("bad \udcff byte")) == {"error": "bad ? byte"}
+
+
+def test_call_control_tool_names_are_the_reserved_ones() -> None:
+    from bridge.agent.builtin_tools import call_control_definitions
+    from bridge.agent.tools import RESERVED_NAMES
+    from bridge.call.keypad import TOOL_NAME
+
+    offered = {d["name"] for d in call_control_definitions(True, ["+14155550100"], keypad=True)}
+    assert offered == ag.CALL_CONTROL_TOOLS == RESERVED_NAMES
+    assert TOOL_NAME == ag.COLLECT_DIGITS_TOOL
 
 
 @pytest.mark.parametrize(

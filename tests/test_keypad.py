@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.agent.builtin_tools import call_control_definitions, collect_digits_definition
+from bridge.agent.events import tool_error
 from bridge.call.keypad import (
     MAX_DIGITS,
     DigitsRequest,
@@ -150,7 +151,8 @@ def test_bad_arguments_get_a_precise_error_result_and_start_nothing(arguments: d
     assert parse_request(arguments) == message
     pad = Keypad()
     [error] = pad.start("c", arguments, T0)
-    assert error == ToolResult("c", json.dumps({"error": message}), True, json.dumps({"error": message}))
+    assert error == ToolResult("c", tool_error(message), True, tool_error(message))
+    assert json.loads(error.result) == {"error": message}
     assert pad.phase is KeypadPhase.IDLE
 
 

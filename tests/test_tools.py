@@ -534,6 +534,16 @@ async def test_exception_without_message_gives_its_type() -> None:
     assert await registry.run("boom", {}, CTX, timeout_s=1) == ('{"error":"RuntimeError"}', True)
 
 
+async def test_an_exception_text_that_is_not_utf8_still_becomes_an_error_result() -> None:
+    async def read_file() -> str:
+        """Read a file whose name was decoded with surrogateescape."""
+        raise FileNotFoundError(b"/tmp/caf\xe9".decode("utf-8", "surrogateescape"))
+
+    registry = ToolRegistry([Tool(read_file)])
+    text, is_error = await registry.run("read_file", {}, CTX, timeout_s=1)
+    assert is_error and orjson.loads(text) == {"error": "FileNotFoundError: /tmp/caf?"}
+
+
 async def test_unknown_tool_lists_available() -> None:
     registry = load_tools(None)
     text, is_error = await registry.run("nope", {}, CTX, timeout_s=1)

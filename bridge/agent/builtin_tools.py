@@ -12,9 +12,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from bridge.agent.events import COLLECT_DIGITS_TOOL, END_CALL_TOOL, TRANSFER_CALL_TOOL
 from bridge.agent.tools import tool
 from bridge.call.keypad import DEFAULT_FINISH_ON_KEY, DEFAULT_TIMEOUT_S, MAX_DIGITS, MAX_TIMEOUT_S
-from bridge.call.keypad import TOOL_NAME as COLLECT_DIGITS
 
 END_CALL_DESCRIPTION = (
     "End the phone call. Use it when the conversation is over or the caller asks to hang up. "
@@ -42,7 +42,7 @@ def collect_digits_definition() -> dict[str, Any]:
     :func:`bridge.call.keypad.parse_request`, whose limits the schema repeats)."""
     return {
         "type": "function",
-        "name": COLLECT_DIGITS,
+        "name": COLLECT_DIGITS_TOOL,
         "description": COLLECT_DIGITS_DESCRIPTION,
         "parameters": {
             "type": "object",
@@ -105,7 +105,7 @@ def call_control_definitions(
         definitions.append(
             {
                 "type": "function",
-                "name": "end_call",
+                "name": END_CALL_TOOL,
                 "description": END_CALL_DESCRIPTION,
                 "parameters": {"type": "object", "properties": {}, "required": []},
             }
@@ -120,7 +120,7 @@ def call_control_definitions(
         definitions.append(
             {
                 "type": "function",
-                "name": "transfer_call",
+                "name": TRANSFER_CALL_TOOL,
                 "description": TRANSFER_CALL_DESCRIPTION,
                 "parameters": {
                     "type": "object",

@@ -40,6 +40,39 @@ FATAL_ERROR_CODES = frozenset(
 RETRYABLE_CONNECT_CODES = frozenset({"at_capacity", "concurrency_exceeded", "internal_error", "server_error"})
 # A resume that failed this way will never succeed: start over or end the call.
 RESUME_FAILED_CODES = frozenset({"session_not_found", "session_forbidden", "session_expired"})
+# Every documented code (reference §8): the labels a metric may use; any other code is "other".
+ERROR_CODES = FATAL_ERROR_CODES | {
+    "server_error",
+    "invalid_format",
+    "invalid_audio",
+    "invalid_value",
+    "immutable_field",
+    "invalid_config",
+    "agent_id_not_first",
+    "audio_rate_violation",
+}
+
+# The call-control tools: the call core answers them itself (call/state.py, call/keypad.py), so a
+# user tool may not take their names.
+END_CALL_TOOL = "end_call"
+TRANSFER_CALL_TOOL = "transfer_call"
+COLLECT_DIGITS_TOOL = "collect_digits"
+CALL_CONTROL_TOOLS = frozenset({END_CALL_TOOL, TRANSFER_CALL_TOOL, COLLECT_DIGITS_TOOL})
+
+# A tool's result text for the model (``tool.result``'s ``result`` is a string, reference §2):
+# JSON, ``{"ok": true}`` for a tool with nothing to say, ``{"error": ...}`` for every failure.
+TOOL_OK = '{"ok":true}'
+
+
+def tool_error(message: str) -> str:
+    """The result text of a failed tool call: ``{"error": message}`` (a message for the model).
+    Never raises: the message may quote a tool's exception, lone surrogates and all."""
+    return orjson.dumps({"error": _utf8(message)}).decode()
+
+
+def tool_ok(note: str) -> str:
+    """The result text of a call-control tool that worked: ``{"ok": true, "note": note}``."""
+    return orjson.dumps({"ok": True, "note": _utf8(note)}).decode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ from typing import Any, TypeVar, overload
 import orjson
 import trio
 
+from bridge.agent.events import CALL_CONTROL_TOOLS, TOOL_OK, tool_error
 from bridge.agent.schema import (
     ToolArgumentError,
     ToolDefinitionError,
@@ -108,9 +109,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "__bridge_tool__"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-# Names the call core answers itself (bridge/call/state.py, bridge/call/keypad.py); a user tool
-# may not take them.
-RESERVED_NAMES = frozenset({"end_call", "transfer_call", "collect_digits"})
+RESERVED_NAMES = CALL_CONTROL_TOOLS  # the call core answers these itself (bridge/agent/events.py)
 _MISSING = object()
 
 
@@ -297,7 +296,7 @@ def encode_result(value: Any) -> str:
     if isinstance(value, str):
         return value
     if value is None:
-        return '{"ok":true}'
+        return TOOL_OK
     try:
         return orjson.dumps(value, default=_default, option=orjson.OPT_NON_STR_KEYS).decode()
     except TypeError as exc:  # orjson names the offending type
@@ -330,10 +329,6 @@ def tool_of(obj: object) -> Tool | None:
 
 
 # --- registry ---------------------------------------------------------------------------------
-
-
-def _error(message: str) -> str:
-    return orjson.dumps({"error": message}).decode()
 
 
 class ToolRegistry:
@@ -394,22 +389,22 @@ class ToolRegistry:
         if found is None:
             log.info("the agent called unknown tool %r", name)
             available = ", ".join(self._tools) or "(none)"
-            return _error(f"unknown tool '{name}'; available: {available}"), True
+            return tool_error(f"unknown tool '{name}'; available: {available}"), True
         try:
             kwargs = found.validate(arguments)
         except ToolArgumentError as exc:
             log.info("tool %r: invalid arguments: %s", name, exc)
-            return _error(str(exc)), True
+            return tool_error(str(exc)), True
         with trio.move_on_after(timeout_s):
             try:
                 return await found.call(kwargs, context), False
             except Exception as exc:
                 log.warning("tool %r raised %s", name, type(exc).__name__, exc_info=True)
                 text = str(exc)
-                return _error(f"{type(exc).__name__}: {text}" if text else type(exc).__name__), True
+                return tool_error(f"{type(exc).__name__}: {text}" if text else type(exc).__name__), True
         # Only reached when the deadline cancelled the call: every other path returned above.
         log.warning("tool %r timed out after %g s", name, timeout_s)
-        return _error(f"tool '{name}' timed out after {timeout_s:g} s"), True
+        return tool_error(f"tool '{name}' timed out after {timeout_s:g} s"), True
 
 
 def _one_line(exc: BaseException) -> str:

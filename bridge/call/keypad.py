@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-TOOL_NAME = "collect_digits"
+from bridge.agent.events import COLLECT_DIGITS_TOOL, tool_error
+
+TOOL_NAME = COLLECT_DIGITS_TOOL  # the name is the agent codec's (one place for tool names)
 KEYS = frozenset("0123456789*#")
 MAX_DIGITS = 64  # longer than any card, account or IBAN digit string a caller would type
 MAX_TIMEOUT_S = 120.0
@@ -223,5 +225,5 @@ class Keypad:
 
 
 def _error(tool_call_id: str, message: str) -> ToolResult:
-    text = json.dumps({"error": message})
+    text = tool_error(message)
     return ToolResult(tool_call_id, text, is_error=True, logged=text)
