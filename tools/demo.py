@@ -110,7 +110,8 @@ def _wait_for_ctrl_c(bridge: subprocess.Popen[bytes]) -> None:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # Both set here: a shell starts a background job with SIGINT ignored, and Python then keeps it so.
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         while bridge.poll() is None:
             time.sleep(0.2)
@@ -118,7 +119,8 @@ def _wait_for_ctrl_c(bridge: subprocess.Popen[bytes]) -> None:
     except KeyboardInterrupt:
         print("\ndemo: stopping")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
