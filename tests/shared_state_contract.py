@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from bridge.fleet.shared import Admission, SharedState, Verdict
+from bridge.fleet.shared import Admission, HangupRoute, SharedState, Verdict
 
 __all__ = [
     "FakeClock",
     "Group",
     "GroupFactory",
     "test_a_gone_holder_frees_its_slots_but_not_its_tokens",
+    "test_a_hang_up_request_reaches_the_holder_of_the_call",
     "test_a_newer_stream_for_a_call_sid_replaces_the_older_one",
     "test_a_refusal_for_capacity_keeps_the_token_for_a_retry",
     "test_a_reservation_holds_its_slot_until_the_token_expires",
@@ -55,7 +56,8 @@ class Group:
     clock: FakeClock
     separate: bool  # distinct holders (False: one process, every state is the same one)
     ended: list[list[tuple[str, str]]] = field(default_factory=list)  # end_call(call_id, reason) per state
-    kill: Callable[[int], Awaitable[None]] | None = None  # the holder dies (its connection ends)
+    kill: Callable[[int], Awaitable[None]] | None = None  # the holder dies (its connection ends, its lease runs out)
+    hung_up: list[list[str]] = field(default_factory=list)  # hang_up(call_sid) per state
 
 
 GroupFactory = Callable[[int, int], AbstractAsyncContextManager[Group]]
@@ -170,3 +172,20 @@ async def test_a_gone_holder_frees_its_slots_but_not_its_tokens(shared_group: Gr
         assert verdict is Verdict.ADMITTED
         assert (await _admit(b, "t1", "c9")).verdict is Verdict.REPLAYED
         assert (await _admit(b, "t4", "c4")).verdict is Verdict.ADMITTED  # a's reservation went too
+
+
+async def test_a_hang_up_request_reaches_the_holder_of_the_call(shared_group: GroupFactory) -> None:
+    async with shared_group(5, 2) as g:
+        a, b = g.states
+        assert await a.request_hangup("CA-nobody") is HangupRoute.UNKNOWN
+        assert (await _admit(a, "t1", "c1", "CA1")).verdict is Verdict.ADMITTED
+        assert await a.request_hangup("CA1") is HangupRoute.HERE  # the caller hangs up its own call
+        if g.separate:
+            assert await b.request_hangup("CA1") is HangupRoute.SENT
+            with trio.fail_after(2):
+                while not g.hung_up[0]:
+                    await trio.sleep(0.001)
+            assert g.hung_up == [["CA1"], []]
+        await a.release("c1")
+        assert await b.request_hangup("CA1") is HangupRoute.UNKNOWN
+        assert all(calls == [] or calls == ["CA1"] for calls in g.hung_up)

@@ -1,20 +1,27 @@
 """The SharedState contract (tests/shared_state_contract.py) against each implementation:
-InProcessState, and ParentState talking to a real Authority over real socketpairs."""
+InProcessState, ParentState talking to a real Authority over real socketpairs, and RedisState
+instances sharing a real redis-server (tests/redis.py)."""
 
 from __future__ import annotations
 
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
 import trio.lowlevel
 
 from bridge.fleet.parent import Authority, ParentState
+from bridge.fleet.redis_state import RedisState
 from bridge.fleet.shared import InProcessState, SharedState
+from tests.redis import redis_server
 from tests.shared_state_contract import *  # noqa: F403 - the contract's tests, collected here
 from tests.shared_state_contract import FakeClock, Group, GroupFactory
+
+LEASE_S = 15.0
 
 
 @asynccontextmanager
@@ -22,8 +29,9 @@ async def in_process(max_calls: int, holders: int) -> AsyncIterator[Group]:
     clock = FakeClock()
     state = InProcessState(max_calls, clock=clock)
     ended: list[tuple[str, str]] = []
-    await state.run(lambda call_id, reason: ended.append((call_id, reason)))
-    yield Group([state] * holders, clock, separate=False, ended=[ended] * holders)
+    hung_up: list[str] = []
+    await state.run(lambda call_id, reason: ended.append((call_id, reason)), hung_up.append)
+    yield Group([state] * holders, clock, separate=False, ended=[ended] * holders, hung_up=[hung_up] * holders)
 
 
 @asynccontextmanager
@@ -34,31 +42,77 @@ async def parent(max_calls: int, holders: int) -> AsyncIterator[Group]:
     async with trio.open_nursery() as nursery:
         states: list[SharedState] = []
         ended: list[list[tuple[str, str]]] = []
+        hung_up: list[list[str]] = []
         workers: list[trio.CancelScope] = []
         for i in range(holders):
             ours, theirs = socket.socketpair()
             nursery.start_soon(authority.serve_worker, f"w{i}", trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
-            state, log = ParentState(theirs), list[tuple[str, str]]()
+            state, log, hangups = ParentState(theirs), list[tuple[str, str]](), list[str]()
             scope = trio.CancelScope()
 
-            async def run_worker(state: ParentState, log: list[tuple[str, str]], scope: trio.CancelScope,
+            async def run_worker(state: ParentState, log: list[tuple[str, str]], hangups: list[str],
+                                 scope: trio.CancelScope,
                                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with scope:
-                    await state.run(lambda call_id, reason: log.append((call_id, reason)), task_status=task_status)
+                    await state.run(lambda call_id, reason: log.append((call_id, reason)), hangups.append,
+                                    task_status=task_status)
 
-            await nursery.start(run_worker, state, log, scope)
+            await nursery.start(run_worker, state, log, hangups, scope)
             states.append(state)
             ended.append(log)
+            hung_up.append(hangups)
             workers.append(scope)
 
         async def kill(i: int) -> None:
             workers[i].cancel()  # its run() closes the socket, as the kernel does for a dead process
             await trio.lowlevel.checkpoint()
 
-        yield Group(states, clock, separate=True, ended=ended, kill=kill)
+        yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up)
         nursery.cancel_scope.cancel()
 
 
-@pytest.fixture(params=["in-process", "parent"])
+@asynccontextmanager
+async def redis(max_calls: int, holders: int) -> AsyncIterator[Group]:
+    """N instances' states on one real redis-server; ``max_calls`` is the cluster's cap (each
+    instance's own cap is far above it, so the cap under test is the cluster's)."""
+    clock = FakeClock()
+    with tempfile.TemporaryDirectory(prefix="bridge-test-redis-") as directory:
+        async with redis_server(Path(directory)) as server, trio.open_nursery() as nursery:
+            states: list[SharedState] = []
+            ended: list[list[tuple[str, str]]] = []
+            hung_up: list[list[str]] = []
+            scopes: list[trio.CancelScope] = []
+            for i in range(holders):
+                state = RedisState.from_url(server.url, max_calls=1000, cluster_max_calls=max_calls,
+                                            lease_s=LEASE_S, instance=f"i{i}", clock=clock)  # fmt: skip
+                log, hangups, scope = list[tuple[str, str]](), list[str](), trio.CancelScope()
+
+                async def run_instance(state: RedisState, log: list[tuple[str, str]], hangups: list[str],
+                                       scope: trio.CancelScope,
+                                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                    with scope:
+                        await state.run(lambda call_id, reason: log.append((call_id, reason)), hangups.append,
+                                        task_status=task_status)
+
+                await nursery.start(run_instance, state, log, hangups, scope)
+                assert state.up
+                states.append(state)
+                ended.append(log)
+                hung_up.append(hangups)
+                scopes.append(scope)
+
+            async def kill(i: int) -> None:
+                scopes[i].cancel()  # no more renewals: its leases run out
+                await trio.lowlevel.checkpoint()
+                clock.now += LEASE_S + 0.5
+
+            yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up)
+            nursery.cancel_scope.cancel()
+
+
+_GROUPS = {"in-process": in_process, "parent": parent, "redis": redis}
+
+
+@pytest.fixture(params=list(_GROUPS))
 def shared_group(request: pytest.FixtureRequest) -> GroupFactory:
-    return in_process if request.param == "in-process" else parent  # type: ignore[return-value]
+    return _GROUPS[request.param]  # type: ignore[return-value]

@@ -101,6 +101,21 @@ class Ledger:
     def live_call(self, call_sid: str) -> CallRef | None:
         return self._by_sid.get(call_sid)
 
+    def would_admit(self, token: str, now: float, *, pending: int = 0) -> Verdict:
+        """What :meth:`admit` would say now, changing nothing, with ``pending`` more slots
+        promised elsewhere meanwhile (admissions in flight to another authority)."""
+        self._expire(now)
+        if token in self._redeemed:
+            return Verdict.REPLAYED
+        if token not in self._reserved and self._used() + pending >= self.max_calls:
+            return Verdict.FULL
+        return Verdict.ADMITTED
+
+    def has_room(self, now: float, *, pending: int = 0) -> bool:
+        """A free slot for a new reservation or call, with ``pending`` more promised elsewhere."""
+        self._expire(now)
+        return self._used() + pending < self.max_calls
+
     # --- decisions ----------------------------------------------------------------------------
 
     def reserve(self, holder: str, token: str, *, expires_at: float, now: float) -> bool:

@@ -10,11 +10,14 @@ JSON object::
                       {"id": 8, "op": "admit", "token": "...", "call_id": "c-1a2b3c4d",
                        "call_sid": "CA...", "expires_at": 1767000000}
                       {"id": 9, "op": "release", "call_id": "c-1a2b3c4d"}
+                      {"id": 10, "op": "hangup", "call_sid": "CA..."}
     parent -> worker  {"id": 7, "ok": true}
                       {"id": 8, "verdict": "admitted", "replaces": null}
                       {"id": 9, "ok": true}
-                      {"id": 10, "error": "bad request"}
+                      {"id": 10, "route": "sent"}          (here | sent | unknown)
+                      {"id": 11, "error": "bad request"}
                       {"push": "end", "call_id": "c-...", "reason": "..."}   (unsolicited)
+                      {"push": "hangup", "call_sid": "CA..."}               (unsolicited)
 
 The parent uses its own clock. When a worker's socket reaches EOF (it exited, or was killed with
 SIGKILL), the parent frees every slot that worker held; tokens it redeemed stay redeemed. A
@@ -38,7 +41,7 @@ import orjson
 import trio
 
 from bridge.fleet.ledger import Ledger, Verdict
-from bridge.fleet.shared import Admission, EndCall, SharedStateUnavailable
+from bridge.fleet.shared import Admission, EndCall, HangUp, HangupRoute, SharedStateUnavailable
 
 log = logging.getLogger("bridge.fleet")
 
@@ -168,21 +171,37 @@ class Authority:
                         "replaces": replaces.call_id if replaces else None}
             if op == "release":
                 return {"id": request_id, "ok": self.ledger.release(holder, _str(message, "call_id"))}
+            if op == "hangup":
+                call_sid = _str(message, "call_sid")
+                ref = self.ledger.live_call(call_sid)
+                if ref is None:
+                    route = HangupRoute.UNKNOWN
+                elif ref.holder == holder:
+                    route = HangupRoute.HERE
+                else:
+                    sent = self._push(ref.holder, {"push": "hangup", "call_sid": call_sid})
+                    route = HangupRoute.SENT if sent else HangupRoute.UNKNOWN
+                return {"id": request_id, "route": route.value}
             raise ValueError(f"unknown op {op!r}")
         except (KeyError, TypeError, ValueError) as exc:
             log.error("%s sent a bad shared-state request (%s): refused", holder, exc)
             return {"id": request_id, "error": "bad request"}
 
     def _push_end(self, holder: str, call_id: str) -> None:
-        outbox = self._outboxes.get(holder)
         message = {"push": "end", "call_id": call_id, "reason": "a newer stream for its CallSid was admitted"}
+        if not self._push(holder, message):
+            log.warning("could not tell %s to end call %s (replaced by a newer stream)", holder, call_id)
+
+    def _push(self, holder: str, message: dict[str, Any]) -> bool:
+        outbox = self._outboxes.get(holder)
         try:
             if outbox is None:
                 raise trio.BrokenResourceError
             outbox.send_nowait(encode(message))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            # Dropped rather than waited for: the admitting worker must not wait on another one.
-            log.warning("could not tell %s to end call %s (replaced by a newer stream)", holder, call_id)
+            # Dropped rather than waited for: the asking worker must not wait on another one.
+            return False
+        return True
 
 
 async def _write_pushes(
@@ -243,7 +262,13 @@ class ParentState:
     def up(self) -> bool:
         return self._connected and self._answering
 
-    async def run(self, end_call: EndCall, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        end_call: EndCall,
+        hang_up: HangUp | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Read the parent's answers and pushes until it goes away. Closes the socket."""
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
         self._connected = True
@@ -265,15 +290,22 @@ class ParentState:
                         log.error("the WORKERS parent broke the shared-state framing (%s): refusing new calls", exc)
                         return
                     for message in messages:
-                        await self._received(message, end_call)
+                        await self._received(message, end_call, hang_up)
         finally:
             self._connected = False
             for waiter in self._waiting.values():
                 waiter.done.set()  # no answer: the request fails closed
 
-    async def _received(self, message: dict[str, Any], end_call: EndCall) -> None:
+    async def _received(self, message: dict[str, Any], end_call: EndCall, hang_up: HangUp | None) -> None:
         if message.get("push") == "end":
             end_call(str(message.get("call_id")), str(message.get("reason") or "replaced"))
+            return
+        if message.get("push") == "hangup":
+            call_sid = str(message.get("call_sid"))
+            if hang_up is None:
+                log.warning("asked to hang up call %s, but this worker has no call control", call_sid)
+            else:
+                hang_up(call_sid)
             return
         request_id = message.get("id")
         waiter = self._waiting.pop(request_id, None) if isinstance(request_id, int) else None
@@ -364,3 +396,10 @@ class ParentState:
         except SharedStateUnavailable as exc:
             # The parent frees whatever this worker held when our socket closes.
             log.warning("could not release call %s with the WORKERS parent: %s", call_id, exc)
+
+    async def request_hangup(self, call_sid: str) -> HangupRoute:
+        answer = await self._request({"op": "hangup", "call_sid": call_sid})
+        try:
+            return HangupRoute(answer.get("route"))
+        except ValueError:
+            raise SharedStateUnavailable(f"the WORKERS parent answered {answer!r}") from None

@@ -7,22 +7,29 @@ It is asked at admission and teardown only, never per frame:
   until the token expires), take its reservation or a free slot, and register the stream as its
   CallSid's live one (a newer stream replaces an older one: issue 15 §5);
 - ``release`` — teardown frees the slot;
+- ``request_hangup`` — call control from any process: where is this CallSid's live call? If it
+  is on another process, that process is asked to hang it up (through its Twilio REST client);
 - ``up`` — health, for metrics and readiness;
 - ``run`` — background work for the life of the server (reading the authority's messages).
 
-Implementations: :class:`InProcessState` (one process: the default) and
+Implementations: :class:`InProcessState` (one process: the default),
 :class:`bridge.fleet.parent.ParentState` (a WORKERS worker asks its parent, the one authority of
-the machine). The decisions themselves live in the pure :class:`bridge.fleet.ledger.Ledger`.
+the machine) and :class:`bridge.fleet.redis_state.RedisState` (``REDIS_URL``: every instance of a
+cluster shares one Redis). The decisions themselves live in the pure
+:class:`bridge.fleet.ledger.Ledger` (and, for Redis, in its Lua scripts).
 
-Failure policy: ``reserve`` and ``admit`` raise :class:`SharedStateUnavailable` when the
-authority cannot answer within its deadline; admission then fails closed (a stream is refused
+Failure policy: the WORKERS parent fails closed: ``reserve`` and ``admit`` raise
+:class:`SharedStateUnavailable` when it cannot answer within its deadline (a stream is refused
 with 503, which nginx may retry elsewhere and Twilio reports; a webhook answers the busy TwiML).
-``release`` never raises: a slot the authority did not hear about is freed when this process's
-connection to it ends.
+Redis fails over to local instead: while it is unreachable ``up`` is False and the instance
+admits with the per-instance guarantees (its own ledger) until Redis is back. ``release`` never
+raises: a slot the authority did not hear about is freed when this process's connection to it
+ends (the parent) or when its lease runs out (Redis).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +44,28 @@ EndCall = Callable[[str, str], None]
 """``end_call(call_id, reason)``: end this process's live call ``call_id`` (it was replaced by a
 newer stream for its CallSid, possibly on another process). Must not block."""
 
-__all__ = ["Admission", "EndCall", "InProcessState", "SharedState", "SharedStateUnavailable", "Verdict"]
+HangUp = Callable[[str], None]
+"""``hang_up(call_sid)``: another process asked for this process's live call ``call_sid`` to be
+hung up (through Twilio's REST API). Must not block: start the request and return."""
+
+__all__ = [
+    "Admission",
+    "EndCall",
+    "HangUp",
+    "HangupRoute",
+    "InProcessState",
+    "SharedState",
+    "SharedStateUnavailable",
+    "Verdict",
+]
+
+
+class HangupRoute(enum.Enum):
+    """Where :meth:`SharedState.request_hangup` found the call."""
+
+    HERE = "here"  # this process holds it: the caller hangs it up itself
+    SENT = "sent"  # another process holds it and was asked to hang it up
+    UNKNOWN = "unknown"  # no live call for that CallSid anywhere the authority knows
 
 
 class SharedStateUnavailable(BridgeError):
@@ -64,8 +92,15 @@ class SharedState(Protocol):
         """False while the authority is unreachable (admission is refusing)."""
         ...
 
-    async def run(self, end_call: EndCall, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work, started before the first admission and cancelled at shutdown."""
+    async def run(
+        self,
+        end_call: EndCall,
+        hang_up: HangUp | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Background work, started before the first admission and cancelled at shutdown.
+        ``end_call`` and ``hang_up`` are how other processes reach this one's calls."""
         ...
 
     async def reserve(self, token: str, *, expires_at: float) -> bool:
@@ -82,6 +117,11 @@ class SharedState(Protocol):
         """The call has ended. Never raises; bounded in time."""
         ...
 
+    async def request_hangup(self, call_sid: str) -> HangupRoute:
+        """Find ``call_sid``'s live call; if another process holds it, ask that process to hang it
+        up (its ``hang_up``). Raises SharedStateUnavailable when the authority cannot say."""
+        ...
+
 
 class InProcessState:
     """One process is the whole scope: the ledger in memory, always up."""
@@ -96,7 +136,13 @@ class InProcessState:
     def up(self) -> bool:
         return True
 
-    async def run(self, end_call: EndCall, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        end_call: EndCall,
+        hang_up: HangUp | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         task_status.started()  # nothing to do in the background: every call is ours
 
     async def reserve(self, token: str, *, expires_at: float) -> bool:
@@ -113,3 +159,7 @@ class InProcessState:
     async def release(self, call_id: str) -> None:
         await trio.lowlevel.checkpoint()
         self.ledger.release(self.HOLDER, call_id)
+
+    async def request_hangup(self, call_sid: str) -> HangupRoute:
+        await trio.lowlevel.checkpoint()
+        return HangupRoute.HERE if self.ledger.live_call(call_sid) is not None else HangupRoute.UNKNOWN
