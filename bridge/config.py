@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bridge.errors import ConfigError
 
@@ -149,6 +149,10 @@ class Settings:
     record_webhook_secret: str | None = field(default=None, repr=False)
     record_audio: bool = False
     twilio_api: TwilioApi = TwilioApi()
+    # A fleet's shared state (bridge/fleet/redis_state.py): None keeps it in this process.
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    cluster_max_calls: int = 0  # 0: no cluster-wide cap (each instance's MAX_CONCURRENT_CALLS only)
+    lease_s: float = 15.0
     amd: bool = True
     amd_wait_s: float = 4.0
     voicemail_message: str = DEFAULT_VOICEMAIL_MESSAGE
@@ -176,6 +180,9 @@ class Settings:
             values.append(self.console_session_secret.decode())
         if self.record_webhook_secret:
             values.append(self.record_webhook_secret)
+        password = urlsplit(self.redis_url).password if self.redis_url else None
+        if password:
+            values += [password, unquote(password)]
         return tuple(v for v in values if v)
 
     def describe(self) -> list[str]:
@@ -192,11 +199,25 @@ class Settings:
             f"  stream tokens         secret {self.stream_token_secret_source}, valid {self.stream_token_ttl_s:g} s",
             f"  limits                {self.max_concurrent_calls} calls, {self.max_call_seconds:g} s per call",
         ]
+        if self.redis_url:
+            cap = f"{self.cluster_max_calls} calls" if self.cluster_max_calls else "none"
+            shared = f"{redact_url(self.redis_url)} (cluster cap {cap}, lease {self.lease_s:g} s)"
+            lines.append(f"  REDIS_URL             {shared}")
         if self.tools_module:
             lines.append(f"  BRIDGE_TOOLS          {self.tools_module}")
         if self.session_hook:
             lines.append(f"  BRIDGE_SESSION_HOOK   {self.session_hook}")
         return lines
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``****``, for logs and ``describe``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:****@{host}").geturl()
 
 
 def mask(secret: str) -> str:
@@ -249,6 +270,7 @@ def from_env(
     voice_agent_url = _voice_agent_url(r)
     console_token, session_secret = _console(r)
     records_url, record_redact, webhook_url, webhook_secret = _records(r, warnings)
+    redis_url, cluster_max_calls, lease_s = _fleet(r)
 
     return Settings(
         assemblyai_api_key=api_key,
@@ -302,6 +324,9 @@ def from_env(
         record_webhook_secret=webhook_secret,
         record_audio=r.boolean("RECORD_AUDIO", False),
         twilio_api=parse_twilio_api(r),
+        redis_url=redis_url,
+        cluster_max_calls=cluster_max_calls,
+        lease_s=lease_s,
         amd=r.boolean("AMD", True),
         amd_wait_s=r.number("AMD_WAIT_S", 4.0, 0.0, 60.0),
         voicemail_message=r.text("VOICEMAIL_MESSAGE", DEFAULT_VOICEMAIL_MESSAGE),
@@ -454,6 +479,43 @@ def _records(r: EnvReader, warnings: list[str]) -> tuple[str, tuple[str, ...], s
     if webhook_url and not webhook_secret:
         warnings.append("RECORD_WEBHOOK_URL is set without RECORD_WEBHOOK_SECRET: the records it gets are not signed.")
     return records_url, record_redact, webhook_url, webhook_secret
+
+
+_REDIS_EXAMPLE = "REDIS_URL=redis://:password@redis.internal:6379/0 (or rediss:// for TLS)"
+
+
+def _fleet(r: EnvReader) -> tuple[str | None, int, float]:
+    """REDIS_URL, CLUSTER_MAX_CALLS and LEASE_S. The URL's value is never echoed (a password)."""
+    redis_url = r.optional("REDIS_URL")
+    if redis_url is not None:
+        parse_redis_url(redis_url)
+    cluster_max_calls = r.integer("CLUSTER_MAX_CALLS", 0, 0, 1_000_000)
+    if cluster_max_calls and redis_url is None:
+        raise ConfigError(
+            "CLUSTER_MAX_CALLS needs a shared state to count in: set REDIS_URL=redis://... "
+            "or unset CLUSTER_MAX_CALLS (MAX_CONCURRENT_CALLS caps each instance)"
+        )
+    lease_s = r.number("LEASE_S", 15.0, 1.0, 300.0)
+    return redis_url, cluster_max_calls, lease_s
+
+
+def parse_redis_url(url: str) -> tuple[str, int]:
+    """Check a ``redis://`` or ``rediss://`` URL (pure; ConfigError without the URL's text, which
+    may hold a password). Returns its host and port."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(f"REDIS_URL is not a valid URL: use e.g. {_REDIS_EXAMPLE}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"REDIS_URL must start with redis:// or rediss://: use e.g. {_REDIS_EXAMPLE}")
+    if not parts.hostname:
+        raise ConfigError(f"REDIS_URL has no host: use e.g. {_REDIS_EXAMPLE}")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/\d{1,2}", parts.path):
+        raise ConfigError(f"REDIS_URL's path must be a database number (/0 to /99): use e.g. {_REDIS_EXAMPLE}")
+    if parts.fragment or any(c in url for c in " \r\n\t"):
+        raise ConfigError(f"REDIS_URL is not a plain Redis URL: use e.g. {_REDIS_EXAMPLE}")
+    return parts.hostname, port
 
 
 def parse_trusted_proxies(r: EnvReader | Mapping[str, str]) -> tuple[IpNetwork, ...]:

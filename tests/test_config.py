@@ -231,6 +231,21 @@ MALFORMED = [
     ("RESUME_WINDOW_S", "31"),
     ("CALLER_AUDIO_BURST_MS", "50"),
     ("DRAIN_SECONDS", "-1"),
+    ("REDIS_URL", "http://redis.internal:6379"),
+    ("REDIS_URL", "redis.internal:6379"),
+    ("REDIS_URL", "redis://"),
+    ("REDIS_URL", "redis://:pw@"),
+    ("REDIS_URL", "redis://redis.internal:99999"),
+    ("REDIS_URL", "redis://redis.internal:port"),
+    ("REDIS_URL", "redis://redis.internal/cache"),
+    ("REDIS_URL", "redis://redis.internal/0#x"),
+    ("REDIS_URL", "redis://[::1"),
+    ("CLUSTER_MAX_CALLS", "10"),  # without REDIS_URL: nowhere to count
+    ("CLUSTER_MAX_CALLS", "-1"),
+    ("CLUSTER_MAX_CALLS", "many"),
+    ("LEASE_S", "0.5"),
+    ("LEASE_S", "301"),
+    ("LEASE_S", "soon"),
 ]
 
 
@@ -424,3 +439,46 @@ def test_from_env_raises_only_config_errors(env: dict[str, str]) -> None:
         from_env({**BASE, **env}, generate_secret=lambda: FIXED_SECRET)
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+REDIS_PASSWORD = "s3cret-redis-password-xyz"
+
+
+def test_fleet_settings_default_to_one_process() -> None:
+    s = build()
+    assert (s.redis_url, s.cluster_max_calls, s.lease_s) == (None, 0, 15.0)
+    assert not any("REDIS_URL" in line for line in s.describe())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://redis.internal",
+        "redis://redis.internal:6380/2",
+        f"redis://:{REDIS_PASSWORD}@10.0.0.5:6379/0",
+        f"rediss://bridge:{REDIS_PASSWORD}@redis.example.com:6380",
+        "redis://[::1]:6379/",
+    ],
+)
+def test_fleet_settings_are_read(url: str) -> None:
+    s = build(REDIS_URL=url, CLUSTER_MAX_CALLS="250", LEASE_S="6")
+    assert (s.redis_url, s.cluster_max_calls, s.lease_s) == (url, 250, 6.0)
+    assert build(REDIS_URL=url).cluster_max_calls == 0  # unset: no cluster cap, per instance only
+
+
+def test_the_redis_password_is_a_secret_everywhere() -> None:
+    s = build(REDIS_URL=f"redis://:{REDIS_PASSWORD}@redis.internal:6379/0", CLUSTER_MAX_CALLS="5")
+    assert REDIS_PASSWORD in s.secrets()  # so the log filter scrubs it
+    assert REDIS_PASSWORD not in repr(s)
+    text = "\n".join(s.describe())
+    assert REDIS_PASSWORD not in text
+    assert "redis://:****@redis.internal:6379/0 (cluster cap 5 calls, lease 15 s)" in text
+
+
+@pytest.mark.parametrize(
+    "url", [f"http://:{REDIS_PASSWORD}@r:6379", f"redis://:{REDIS_PASSWORD}@r:99999", f"redis://:{REDIS_PASSWORD}@r/x"]
+)
+def test_a_bad_redis_url_is_refused_without_echoing_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(REDIS_URL=url)
+    assert "REDIS_URL" in str(info.value) and REDIS_PASSWORD not in str(info.value)
