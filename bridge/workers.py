@@ -1,9 +1,10 @@
 """WORKERS=N: several bridge processes share one listening socket on one machine.
 
 The parent binds the port once and starts N ``python -m bridge serve`` workers that inherit the
-socket; the kernel spreads new connections across them. Stream tokens verify on every worker
-(the parent hands them all the same token secret), so a webhook answered by one worker and a
-stream accepted by another is fine.
+socket; the kernel spreads new connections across them. Stream tokens and console cookies verify
+on every worker (the parent hands them all the same token secret and, with ``CONSOLE_TOKEN``, the
+same console session secret), so a webhook answered by one worker and a stream accepted by
+another is fine, and so is a console whose requests land on different workers.
 
 What must hold across the workers is decided by the parent, the machine's one authority
 (``bridge/fleet/parent.py``): each worker has a socketpair to it and asks at admission only —
@@ -19,6 +20,7 @@ them at once. A parent that dies takes its workers down (``drain_when_orphaned``
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -70,8 +72,11 @@ def run_workers(settings: Settings, environ: Mapping[str, str]) -> int:
 
 async def _supervise(settings: Settings, environ: Mapping[str, str], listener: socket.socket) -> int:
     env = dict(environ) | {WORKER_FD_ENV: str(listener.fileno()), PARENT_PID_ENV: str(os.getpid()), "WORKERS": "1"}
-    # Every worker must accept every other worker's tokens.
+    # Every worker must accept every other worker's tokens and console cookies (each process
+    # would draw its own random secret: a cookie signed by one worker refused by the next).
     env["STREAM_TOKEN_SECRET"] = env.get("STREAM_TOKEN_SECRET") or settings.stream_token_secret.hex()
+    if settings.console_token and not env.get("CONSOLE_SESSION_SECRET"):
+        env["CONSOLE_SESSION_SECRET"] = secrets.token_hex(32)
     authority = Authority(settings.max_concurrent_calls)
     workers: list[trio.Process] = []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -246,3 +246,22 @@ async def test_a_killed_worker_frees_its_slots_and_its_tokens_stay_spent(tmp_pat
         assert fleet.proc.poll() is None  # the parent carries on with the survivor
         text = fleet.log.read_text()
         assert f"(pid {holder}) has gone: freed 1 live call(s)" in text
+
+
+async def test_a_console_sign_in_holds_on_every_worker(tmp_path: Path) -> None:
+    # No CONSOLE_SESSION_SECRET: each process would draw its own random one, so a cookie signed by
+    # one worker would be refused by the others; the parent hands its workers one secret.
+    token = "console-workers-token-0123456789"
+    async with workers(tmp_path, 2, CONSOLE_TOKEN=token, RECORDS="off") as fleet:
+        cookie = ""
+        with trio.fail_after(20):
+            while not cookie:
+                async with httpx.AsyncClient(base_url=fleet.base) as http:
+                    signed_in = await http.post("/console/sign-in", data={"token": token, "next": "/console"})
+                assert signed_in.status_code == 303, signed_in.text
+                cookie = signed_in.headers["set-cookie"].split(";")[0]
+        statuses = []
+        for _ in range(32):  # a new connection each: the kernel spreads them over both workers
+            async with httpx.AsyncClient(base_url=fleet.base) as http:
+                statuses.append((await http.get("/console", headers={"Cookie": cookie})).status_code)
+        assert statuses == [200] * 32
