@@ -57,7 +57,8 @@ def _serve(*, check_only: bool) -> int:
         fd = int(worker_fd) if worker_fd else bind_public_socket(settings).detach()
     except ConfigError as exc:
         return _configuration_error(exc)
-    collaborators.shared = worker_shared_state(os.environ)  # a WORKERS worker asks its parent
+    if not settings.redis_url:  # with REDIS_URL, Redis is the authority and the parent steps aside
+        collaborators.shared = worker_shared_state(os.environ)  # a WORKERS worker asks its parent
     app = create_app(settings, collaborators)
     # Everything imported and built so far lives as long as the process: keep the collector from
     # scanning it again on every full collection.

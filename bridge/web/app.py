@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from prometheus_client import Gauge
 
 from bridge.agent import events as ag
 from bridge.agent.builtin_tools import call_control_definitions
@@ -29,6 +30,7 @@ from bridge.call.session import AgentConnector, CallControl, CallSession, CallSe
 from bridge.call.signals import CallSignals
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
+from bridge.errors import TwilioRestError
 from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
 from bridge.observe import Metrics
 from bridge.phone.security import SignatureChecker, StreamGrant
@@ -41,6 +43,7 @@ from bridge.web.webhooks import build_quart
 log = logging.getLogger("bridge.web")
 
 _RELEASE_S = 3.0  # at a call's end: time to tell the shared state (its own deadline is shorter)
+HANGUP_DEADLINE_S = 10.0  # Twilio's REST API answers in well under a second; past this we say so
 
 
 @dataclass
@@ -52,8 +55,9 @@ class Collaborators:
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     session_hook: SessionHook | None = None
     wall_clock: Callable[[], float] = time.time
-    # Single-use tokens, the call cap, one stream per CallSid: None is this process alone
-    # (InProcessState); a WORKERS worker gets its parent's (bridge/fleet/parent.py).
+    # Single-use tokens, the call cap, one stream per CallSid: None is chosen from the settings
+    # (shared_state_for: Redis with REDIS_URL, else this process alone); a WORKERS worker without
+    # REDIS_URL gets its parent's (bridge/fleet/parent.py).
     shared: SharedState | None = None
 
 
@@ -66,7 +70,12 @@ class BridgeApp:
         self.calls = CallRegistry[CallSession, trio.Event](trio.Event)
         self.metrics = metrics or Metrics(live_stats=self._live_stats)
         clock = collaborators.wall_clock
-        self.shared = collaborators.shared or InProcessState(settings.max_concurrent_calls, clock=clock)
+        self.shared = collaborators.shared or shared_state_for(settings, clock)
+        Gauge(
+            "bridge_shared_state_up",
+            "1 while the shared state answers; 0: Redis is down (local limits apply) or the parent is gone",
+            registry=self.metrics.registry,
+        ).set_function(lambda: 1.0 if self.shared.up else 0.0)
         self.signatures = SignatureChecker(settings.twilio_auth_token) if settings.twilio_auth_token else None
         self.gate = Gate(settings.stream_token_secret, self.signatures, self.shared, clock)
         self.call_signals = CallSignals()  # out-of-band news per CallSid (the AMD result)
@@ -104,8 +113,34 @@ class BridgeApp:
     async def keep_shared_state(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The shared state's background work, for the life of the server (started by serve()
         before the first connection is accepted). The authority may end a call of ours that a
-        newer stream for its CallSid replaced on another process."""
-        await self.shared.run(self._end_replaced, task_status=task_status)
+        newer stream for its CallSid replaced on another process, or ask us to hang up one of
+        ours (the console's End call, received by another process)."""
+        async with trio.open_nursery() as hang_ups:
+
+            def hang_up(call_sid: str) -> None:
+                hang_ups.start_soon(self.hang_up_here, call_sid)
+
+            await self.shared.run(self._end_replaced, hang_up, task_status=task_status)
+            hang_ups.cancel_scope.cancel()
+
+    async def hang_up_here(self, call_sid: str) -> str | None:
+        """Hang up this process's call ``call_sid`` through Twilio's REST API (bounded by
+        :data:`HANGUP_DEADLINE_S`). None when Twilio accepted it, else why not (logged)."""
+        control = self.deps.control
+        if control is None:
+            why = "Twilio REST is not configured (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN)"
+        else:
+            try:
+                with trio.fail_after(HANGUP_DEADLINE_S):
+                    await control.hang_up(call_sid)
+                log.info("call %s hung up through Twilio's REST API", call_sid)
+                return None
+            except TwilioRestError as exc:
+                why = str(exc)
+            except trio.TooSlowError:
+                why = f"Twilio did not answer within {HANGUP_DEADLINE_S:g} s"
+        log.warning("could not hang up call %s: %s", call_sid, why)
+        return why
 
     def _end_replaced(self, call_id: str, reason: str) -> None:
         if self.calls.end(call_id, reason):
@@ -203,6 +238,22 @@ class BridgeApp:
         )
 
 
+def shared_state_for(settings: Settings, clock: Callable[[], float] = time.time) -> SharedState:
+    """REDIS_URL set: a :class:`~bridge.fleet.redis_state.RedisState` (the cluster's authority,
+    also over a WORKERS parent, which then steps aside); else this process alone."""
+    if settings.redis_url:
+        from bridge.fleet.redis_state import RedisState
+
+        return RedisState.from_url(
+            settings.redis_url,
+            max_calls=settings.max_concurrent_calls,
+            cluster_max_calls=settings.cluster_max_calls,
+            lease_s=settings.lease_s,
+            clock=clock,
+        )
+    return InProcessState(settings.max_concurrent_calls, clock=clock)
+
+
 def default_collaborators(settings: Settings) -> Collaborators:
     """Production wiring: the real Voice Agent endpoint, Twilio REST when configured, user tools."""
     endpoint = AgentEndpoint(
@@ -232,4 +283,4 @@ def create_app(settings: Settings, collaborators: Collaborators | None = None) -
     return BridgeApp(settings, collaborators or default_collaborators(settings))
 
 
-__all__ = ["BridgeApp", "Collaborators", "create_app", "default_collaborators"]
+__all__ = ["BridgeApp", "Collaborators", "create_app", "default_collaborators", "shared_state_for"]

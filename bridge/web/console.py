@@ -11,7 +11,9 @@ Routes (all answer 404 while ``CONSOLE_TOKEN`` is unset: transcripts are persona
 - ``GET /console/static/<name>``: the CSS and JavaScript (no data; a fixed list of files).
 - ``GET /console/calls/<CallSid>/recording``: the call's WAV when the record has one.
 - ``GET /api/events``: Server-Sent Events of the live calls (see :class:`EventStream`).
-- ``POST /api/calls/<CallSid>/hangup``: end a live call through Twilio's REST API.
+- ``POST /api/calls/<CallSid>/hangup``: end a live call through Twilio's REST API, on whichever
+  instance it lives (the shared state finds it and asks that instance: 202 either way; 404 when
+  no instance holds it, 503 when the shared state cannot say).
 
 Authentication: ``Authorization: Bearer <CONSOLE_TOKEN>`` or the session cookie
 (:mod:`bridge.console.session`); a state change with the cookie also needs the session's
@@ -40,6 +42,7 @@ from quart_trio import QuartTrio
 from bridge.console import STATIC_DIR
 from bridge.console.session import SESSION_S, Session, SessionSigner
 from bridge.errors import TwilioRestError
+from bridge.fleet.shared import HangupRoute, SharedStateUnavailable
 
 if TYPE_CHECKING:
     from bridge.web.app import BridgeApp
@@ -276,8 +279,21 @@ def register_console(quart: QuartTrio, app: BridgeApp) -> None:
         if isinstance(auth, Session) and not console.signer.csrf_matches(auth, request.headers.get(CSRF_HEADER)):
             return _json({"error": "missing or wrong CSRF token"}, 403)
         live = console.deps.live_calls()
+        route = HangupRoute.HERE
         if live is None or live.live(call_sid) is None:
-            return _json({"error": "no such live call on this instance", "call_sid": call_sid}, 404)
+            # Not on this instance's records: the shared state knows which instance holds it
+            # (with REDIS_URL or WORKERS), and asks that one to hang it up.
+            try:
+                route = await app.shared.request_hangup(call_sid)
+            except SharedStateUnavailable as exc:
+                log.warning("console hang-up of %s: cannot find its instance: %s", call_sid, exc)
+                return _json({"error": "the shared state is unavailable: cannot find the call", "call_sid": call_sid},
+                             503)  # fmt: skip
+        if route is HangupRoute.UNKNOWN:
+            return _json({"error": "no such live call", "call_sid": call_sid}, 404)
+        if route is HangupRoute.SENT:
+            log.info("call %s: hang-up asked from the console; the instance holding it hangs it up", call_sid)
+            return _json({"call_sid": call_sid, "status": "hanging up", "instance": "another"}, 202)
         control = app.deps.control
         if control is None:
             return _json({"error": "Twilio REST is not configured (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN)"}, 503)
