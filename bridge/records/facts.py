@@ -83,6 +83,22 @@ class DtmfPressed:
 
 
 @dataclass(frozen=True, slots=True)
+class AnsweredBy:
+    """Twilio's answering-machine result for an outbound call (the record's ``answered_by``)."""
+
+    answered_by: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecovered:
+    """A fresh upstream session replaced one whose resume was refused (``recovered: true``)."""
+
+    session_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnded:
     outcome: str
     reason: str
@@ -98,5 +114,7 @@ Fact = (
     | ToolStarted
     | ToolFinished
     | DtmfPressed
+    | AnsweredBy
+    | SessionRecovered
     | CallEnded
 )

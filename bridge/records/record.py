@@ -160,6 +160,8 @@ class RecordBuilder:
         self.stopped_at: float | None = None
         self.custom_parameters: dict[str, str] = {}
         self.session_ids: list[str] = []
+        self.recovered = False  # a fresh session replaced a refused resume (issue 15)
+        self.answered_by: str | None = None  # Twilio's AMD result (outbound calls with AMD)
         self.errors: list[dict[str, Any]] = []
         self.turns: list[_AgentTurn | dict[str, Any]] = []
         self.replies: dict[str, _AgentTurn] = {}
@@ -177,6 +179,7 @@ class RecordBuilder:
         self.reason: str | None = None
         self.ended_at: float | None = None
         self.finished = False
+        self.recording: str | None = None  # RECORD_AUDIO=on: the call's WAV file
         self.revision = 0  # bumped on every change, so a live view can tell what is new
 
     # --- inputs -------------------------------------------------------------------------------
@@ -306,6 +309,10 @@ class RecordBuilder:
             tool.finished_at = fact.at
         elif isinstance(fact, fx.DtmfPressed):
             self._digit(fact.digit, fact.at, phone=False, sensitive=fact.sensitive)
+        elif isinstance(fact, fx.SessionRecovered):
+            self.recovered = True
+        elif isinstance(fact, fx.AnsweredBy):
+            self.answered_by = fact.answered_by[:40]
         elif isinstance(fact, fx.CallEnded):
             if self.outcome is None:
                 self.outcome, self.reason, self.ended_at = fact.outcome, fact.reason, fact.at
@@ -374,8 +381,11 @@ class RecordBuilder:
             "live": not self.finished,
             "activity": self.activity(),
             "agent_session_ids": list(self.session_ids),
+            "recovered": self.recovered,
+            "answered_by": self.answered_by,
             "upstream_open_s": round(upstream_s, 3),
             "frames": dict(frames or {}),
+            "recording": self.recording,
             "custom_parameters": params,
             "turns": [self.turn_json(t) for t in self.turns],
             "tools": [self.tool_json(t) for t in self.tools.values()],
