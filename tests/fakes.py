@@ -211,6 +211,7 @@ class FakeRecorder:
         self.agent_events: list[Any] = []
         self.facts: list[Any] = []
         self.finished: list[float] = []
+        self.audio: Any = None  # no RECORD_AUDIO here
         self._fail_in = fail_in  # the method that raises, to test that a recorder bug costs no call
 
     def _maybe_fail(self, method: str) -> None:
@@ -228,6 +229,10 @@ class FakeRecorder:
     def fact(self, fact: Any) -> None:
         self._maybe_fail("fact")
         self.facts.append(fact)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        self._maybe_fail("snapshot")
+        return {}  # no record: the call core's own history is used
 
     def finish(self, now: float) -> None:
         self._maybe_fail("finish")

@@ -19,6 +19,7 @@ from bridge.call.conversation import (
     Out,
     Record,
     SayAndHangUp,
+    ToolReply,
 )
 from bridge.call.idle import GOODBYE_INSTRUCTIONS, REPROMPT_INSTRUCTIONS
 from bridge.phone import media as tw
@@ -46,7 +47,13 @@ def dtmf(digit: str) -> tw.Dtmf:
 
 
 def sent(out: list[Out]) -> list[dict[str, Any]]:
-    return [orjson.loads(o.text) for o in out if isinstance(o, AgentSend)]
+    """What goes upstream: ``reply.create`` as is, a tool reply as the ``tool.result`` it becomes."""
+    texts = [
+        o.text if isinstance(o, AgentSend) else ag.tool_result(o.tool_call_id, o.result, is_error=o.is_error)
+        for o in out
+        if isinstance(o, AgentSend | ToolReply)
+    ]
+    return [orjson.loads(t) for t in texts]
 
 
 def recorded(out: list[Out]) -> list[object]:
@@ -79,7 +86,7 @@ def test_sensitive_digits_reach_only_the_agent() -> None:
     for item in everything:
         if isinstance(item, Record) and isinstance(item.fact, fx.DtmfPressed):
             assert item.fact.sensitive  # the record builder masks it
-        elif not isinstance(item, AgentSend):
+        elif not isinstance(item, ToolReply):
             assert not any(d in repr(item) for d in "9876"), item
     assert [f.sensitive for f in recorded(everything) if isinstance(f, fx.DtmfPressed)] == [True] * 4
     [finished] = [f for f in recorded(everything) if isinstance(f, fx.ToolFinished)]

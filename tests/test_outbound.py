@@ -19,6 +19,9 @@ OUTBOUND_ENV = {
     "OUTBOUND_GREETING": "Hi, this is Acme calling about your order.",
     "OUTBOUND_GREETING_DELAY_MS": "400",
     "TRANSFER_NUMBER": "+14155550199",
+    # These calls are placed without answering-machine detection, so nothing would ever tell
+    # the bridge a person is there (AMD on: tests/test_conversation_e2e.py).
+    "AMD": "off",
 }
 
 

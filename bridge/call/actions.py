@@ -41,8 +41,13 @@ class SendPhone:
 
 @dataclass(frozen=True, slots=True)
 class ConnectAgent:
+    """Open the upstream session: ``session.update`` built by ``CallState.session_config``, or
+    ``session.resume`` of ``resume_session_id``. ``fresh``: a new session replacing one whose
+    resume was refused (recovery): what was queued for the old one is dropped, not sent."""
+
     resume_session_id: str | None = None
     attempt: int = 0  # reconnects so far in this gap: the session backs off between them
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,15 @@ class Transfer:
 
 @dataclass(frozen=True, slots=True)
 class HangUp:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SayAndHangUp:
+    """Replace the call's TwiML with ``<Say>message</Say><Hangup/>`` (REST), then end the call
+    (the agent is not up to speak it: a voicemail left before the session was ready)."""
+
+    message: str
     reason: str
 
 
@@ -83,7 +97,7 @@ class Fact:
     fact: facts.Fact
 
 
-Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | EndCall | Log | Fact
+Action = SendAgent | SendPhone | ConnectAgent | RunTool | Transfer | HangUp | SayAndHangUp | EndCall | Log | Fact
 
 
 @dataclass(slots=True)
@@ -96,8 +110,9 @@ class CallStats:
     frames_to_twilio: int = 0
     frames_dropped_interrupted: int = 0
     frames_dropped_backpressure: int = 0
-    frames_dropped_gap: int = 0  # caller audio while the upstream was reconnecting
+    frames_dropped_gap: int = 0  # caller audio while the upstream was reconnecting or recovering
     resumes: int = 0
+    recoveries: int = 0  # fresh sessions that replaced a refused resume
     invalid_twilio: int = 0
     invalid_agent: int = 0
     turns: int = 0

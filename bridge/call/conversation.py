@@ -7,8 +7,10 @@ a Python tool's start and end, the clock) and performs what it returns, in order
 :class:`~bridge.call.amd.AnsweringMachineDetector` (each optional) and translates their
 decisions into a few actions the core already knows how to do:
 
-- :class:`AgentSend`: send this text upstream (``reply.create`` or ``tool.result``; control,
-  never dropped).
+- :class:`AgentSend`: send this text upstream (``reply.create``; control, never dropped).
+- :class:`ToolReply`: the ``collect_digits`` tool's result; the core sends it under the same
+  rule as every tool result (reference §7: held until ``reply.done``, discarded when the reply
+  that asked was interrupted).
 - :class:`FinalReply`: ``reply.create`` these instructions, then end the call once that reply
   was heard, exactly as after ``end_call`` (the goodbye's last mark, or END_CALL_DEADLINE_S).
   ``clear_first``: send Twilio ``clear`` before (something else is playing).
@@ -19,7 +21,7 @@ decisions into a few actions the core already knows how to do:
   sensitive digits masked).
 - :class:`Note`: a log line (never holds sensitive digits).
 
-Invariants: sensitive digits appear in an :class:`AgentSend` (the tool result the model needs)
+Invariants: sensitive digits appear in a :class:`ToolReply` (the tool result the model needs)
 and in a ``DtmfPressed(sensitive=True)`` fact (the record builder masks it, and must see the
 digit to merge the fact with Twilio's own ``dtmf`` event), never in a :class:`Note` or a
 ``ToolFinished`` fact (masked); the idle timer counts only while nobody
@@ -51,6 +53,13 @@ class AgentSend:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolReply:
+    tool_call_id: str
+    result: str
+    is_error: bool
+
+
+@dataclass(frozen=True, slots=True)
 class FinalReply:
     instructions: str
     reason: str
@@ -79,7 +88,7 @@ class Note:
     message: str
 
 
-Out = AgentSend | FinalReply | SayAndHangUp | HangUpNow | Record | Note
+Out = AgentSend | ToolReply | FinalReply | SayAndHangUp | HangUpNow | Record | Note
 
 
 class Conversation:
@@ -281,7 +290,7 @@ class Conversation:
             elif isinstance(action, TellAgent):
                 out.append(AgentSend(ag.reply_create(action.instructions)))
             elif isinstance(action, ToolResult):
-                out.append(AgentSend(ag.tool_result(action.tool_call_id, action.result, is_error=action.is_error)))
+                out.append(ToolReply(action.tool_call_id, action.result, action.is_error))
                 out.append(Record(fx.ToolFinished(action.tool_call_id, action.logged, action.is_error, now)))
                 out.append(Note(logging.INFO, f"collect_digits result {action.logged}"))
         return out

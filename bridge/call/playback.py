@@ -181,6 +181,13 @@ class Playback:
         self._goodbye_reply = reply_id
         return []
 
+    def cancel_goodbye(self) -> None:
+        """A last reply (idle goodbye) is off: the caller came back. Its mark, if sent, is an
+        ordinary mark now; a hang-up already under way is not undone."""
+        if self.goodbye is GoodbyePhase.AWAITING_REPLY or self.goodbye is GoodbyePhase.MARK_SENT:
+            self.goodbye = GoodbyePhase.NONE
+            self._goodbye_reply = self._goodbye_mark = self._goodbye_deadline = None
+
     def on_echo(self, name: str, now: float) -> list[Action]:
         """Twilio echoed a mark: played (it was pending) or flushed (a clear came after it)."""
         where = self._flushed.pop(name, None)

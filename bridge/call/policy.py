@@ -26,3 +26,15 @@ class CallPolicy:
     # Twilio sends media every 20 ms for the whole call: this much silence on the socket means
     # the peer is gone (or hostile), even if its TCP connection stays open.
     twilio_silence_s: float = 10.0
+    # Issue 15 (bridge/call/conversation.py): the keypad, idle callers, answering machines.
+    keypad_tool: bool = False  # collect_digits is offered and answered by the call core
+    dtmf_to_agent: bool = False
+    idle_reprompt_s: float = 0.0  # 0: off (the settings' defaults are 8 s and 15 s)
+    idle_hangup_s: float = 0.0
+    amd: bool = False  # outbound calls only: the greeting waits for Twilio's AnsweredBy
+    amd_wait_s: float = 4.0
+    voicemail_message: str = ""
+    # A refused resume opens a fresh session carrying the conversation (bridge/call/recovery.py);
+    # 0 is RECOVERY=off. The caller hears the agent within this many seconds, or the call ends.
+    recovery_s: float = 0.0
+    recovery_context_chars: int = 4000

@@ -7,7 +7,7 @@ every method, so the session never asks a socket what it can do.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from bridge.agent import events as ag
 from bridge.errors import BridgeError
@@ -64,6 +64,10 @@ class CallRecorderPort(Protocol):
 
     def fact(self, fact: facts.Fact) -> None:
         """A fact only the call core knows (marks heard or flushed, clears, tools, upstream time)."""
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The record so far (``records/record.py``'s ``build``): a fresh session after a refused
+        resume is told the conversation as the caller heard it from here. Rare: not per frame."""
 
     def finish(self, now: float) -> None:
         """The call is over (after ``CallEnded``): hand the record to the store's bounded queue."""

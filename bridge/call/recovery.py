@@ -217,3 +217,48 @@ def _json(value: Any) -> str:
     except (TypeError, ValueError):
         return str(value)
 
+
+
+MAX_HISTORY_ENTRIES = 200  # a long call keeps its latest turns; the prompt is bounded anyway
+
+
+class History:
+    """The conversation as the call core saw it, for a recovery prompt when no call record is
+    kept (records off). Bounded: at most :data:`MAX_HISTORY_ENTRIES` entries (the oldest quarter
+    goes when full), each text cut to ``max_chars`` (no more can reach the prompt)."""
+
+    __slots__ = ("_base", "_entries", "_max_chars", "_tools")
+
+    def __init__(self, max_chars: int = DEFAULT_CONTEXT_CHARS) -> None:
+        self._max_chars = max(max_chars, 0)
+        self._entries: list[Entry] = []
+        self._base = 0  # the absolute position of _entries[0]
+        self._tools: dict[str, int] = {}  # tool_call_id -> absolute position
+
+    def said(self, speaker: Literal["caller", "agent"], text: str) -> None:
+        if text.strip():
+            self._add(Said(speaker, text[: self._max_chars + 1]))
+
+    def tool_started(self, tool_call_id: str, name: str, arguments: Any) -> None:
+        self._tools[tool_call_id] = self._base + len(self._entries)
+        self._add(ToolUse(name[:64], arguments))
+
+    def tool_finished(self, tool_call_id: str, result: str, is_error: bool) -> None:
+        """``result`` as it may be shown (sensitive digits masked)."""
+        where = self._tools.pop(tool_call_id, None)
+        index = -1 if where is None else where - self._base
+        if 0 <= index < len(self._entries):
+            entry = self._entries[index]
+            if isinstance(entry, ToolUse):
+                self._entries[index] = ToolUse(entry.name, entry.arguments, result[:TOOL_TEXT_CHARS], is_error)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    def _add(self, entry: Entry) -> None:
+        self._entries.append(entry)
+        if len(self._entries) > MAX_HISTORY_ENTRIES:
+            drop = MAX_HISTORY_ENTRIES // 4
+            del self._entries[:drop]
+            self._base += drop
+            self._tools = {k: v for k, v in self._tools.items() if v >= self._base}

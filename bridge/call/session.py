@@ -4,7 +4,8 @@ Tasks (each socket has one reader and one writer; nothing else touches a socket)
 
     phone_rx  -> CallState.on_phone  -> [agent_out] -> agent_tx  -> Voice Agent
     phone_tx  <- [phone_out] <- CallState.on_agent <- agent_rx  <- Voice Agent
-    ticker (deadlines), tool / hang-up / transfer tasks, outbound silence (until the agent speaks)
+    ticker (deadlines), tool / hang-up / transfer tasks, outbound silence (until the agent speaks),
+    the call's signals (AMD result, outbound calls with AMD)
 
 The agent leg (connect, ``session.update``, agent_rx, agent_tx) runs in a nursery of its own
 inside the call's, so a failed upstream handshake is an outcome of the leg, not a crash of the
@@ -28,6 +29,7 @@ from bridge.agent.leg import CLOSE_S, AgentConnector, AgentLeg
 from bridge.call import state as st
 from bridge.call.context import CallContext
 from bridge.call.ports import CallRecorderPort, MessageSocket, SocketClosed
+from bridge.call.signals import CallSignals
 from bridge.errors import BridgeError
 from bridge.observe import CallTags, Metrics, call_tags
 from bridge.phone import media as tw
@@ -88,6 +90,7 @@ class CallSetup:
     metrics: Metrics | None = None
     transfer_announcement: str | None = "Please hold while I transfer your call."
     recorder: CallRecorderPort | None = None  # None: records off (the hot path does no extra work)
+    signals: CallSignals | None = None  # out-of-band news per CallSid (the AMD result)
 
 
 @dataclass
@@ -244,9 +247,22 @@ class CallSession:
         else:
 
             async def first_message() -> str:
-                return ag.session_update(await self.setup.session_config(self._context()))
+                config = await self.setup.session_config(self._context())
+                record = self._record_snapshot() if action.fresh else None
+                return ag.session_update(self.state.session_config(config, record))
 
         await self._leg.run(first_message, resume_attempt=action.attempt if session_id is not None else 0)
+
+    def _record_snapshot(self) -> dict[str, Any] | None:
+        """The call record so far (the conversation as heard), if this call is recorded."""
+        recorder = self._recorder
+        if recorder is None:
+            return None
+        try:
+            return recorder.snapshot(self._clock())
+        except Exception:  # a recorder bug never costs the call: stop recording it
+            self._recorder_failed()
+            return None
 
     # The leg's host (agent/leg.py LegHost) -----------------------------------------------------
 
@@ -265,6 +281,8 @@ class CallSession:
         """The pumps over one open upstream socket: the writer in ``nursery``, the reader here."""
         if resumed:
             await self._resend_control(sock)
+        elif self.state.phase is st.Phase.RECOVERING:
+            self._discard_queued()
         nursery.start_soon(self._agent_tx, sock)
         return await self._agent_rx(sock)
 
@@ -285,6 +303,24 @@ class CallSession:
                 self.state.stats.frames_dropped_gap += 1
             else:
                 await self._send_control(sock, item)
+
+    def _discard_queued(self) -> None:
+        """A fresh session replaces a refused one: caller audio queued in the gap is dropped
+        (counted), and control meant for the old session (its tool results) is too."""
+        if self._unsent_control is not None:
+            log.info("dropped a message for the refused session: %.80s", self._unsent_control.text)
+            self._unsent_control = None
+        recv = self._agent_out_recv
+        while True:
+            try:
+                item = recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if item.audio:
+                self._agent_audio_queued -= 1
+                self.state.stats.frames_dropped_gap += 1
+            else:
+                log.info("dropped a message for the refused session: %.80s", item.text)
 
     async def _send_control(self, sock: MessageSocket, item: st.SendAgent) -> None:
         try:
@@ -326,6 +362,11 @@ class CallSession:
                     metrics.upstream_errors.labels(_metric_code(event.code)).inc()
                 if state.connect_refused_for_now(event):
                     return f"session.error {event.code}: {event.message}"
+                apply(state.on_agent(event, clock()))
+                if state.drop_upstream:  # resume refused: a fresh session is on its way
+                    state.drop_upstream = False
+                    return None
+                continue
             elif isinstance(event, ag.SessionReady):
                 self._tags.session_id = event.session_id
                 if self._resume_pending:
@@ -394,6 +435,26 @@ class CallSession:
         while state.stats.first_audio_at is None and not state.ending:
             self._apply([st.SendPhone(tw.media_frame(state.stream_sid, frame), state.epoch)])
             await trio.sleep(SILENCE_FRAME_MS / 1000)
+
+    async def _call_signals(self, signals: CallSignals, call_sid: str) -> None:
+        """This call's out-of-band news (the AMD callback) into the state, until the call ends."""
+        with signals.subscribe(call_sid) as subscription:
+            async for signal in subscription.receive:
+                self._apply(self.state.on_amd_result(signal.answered_by, self._clock()))
+
+    async def _say_and_hang_up(self, action: st.SayAndHangUp) -> None:
+        """The agent is not up to speak: Twilio says it (``<Say>``) and hangs up."""
+        control, call_sid = self.setup.control, self.state.call_sid
+        if control is not None and call_sid:
+            try:
+                with trio.fail_after(REST_DEADLINE_S):
+                    await control.update_twiml(call_sid, twiml.say_and_hang_up(action.message))
+                log.info("Twilio says the message and hangs up (%s)", action.reason)
+            except (BridgeError, trio.TooSlowError) as exc:
+                log.warning("REST update for the message failed (%s): closing the stream instead", exc)
+        else:
+            log.warning("no Twilio credentials to leave the message: closing the stream (fallback TwiML may play)")
+        self._apply(self.state.end_now(f"call ended ({action.reason})", st.Outcome.AGENT_ENDED))
 
     async def _run_tool(self, action: st.RunTool) -> None:
         tools = self.setup.tools
@@ -486,9 +547,19 @@ class CallSession:
         if isinstance(action, st.ConnectAgent):
             self._tags.call_sid = self.state.call_sid
             self._nursery.start_soon(self._run_leg, action)
+            metrics = self.setup.metrics
+            if action.fresh and self._resume_pending and metrics:
+                metrics.upstream_resumes.labels("failed").inc()
             self._resume_pending = action.resume_session_id is not None
-            if self.setup.direction == "outbound" and action.resume_session_id is None:
+            first = action.resume_session_id is None and not action.fresh
+            if self.setup.direction == "outbound" and first:
                 self._nursery.start_soon(self._outbound_silence)
+            conv = self.state.conversation
+            signals = self.setup.signals
+            if first and signals is not None and conv is not None and conv.amd is not None:
+                self._nursery.start_soon(self._call_signals, signals, self.state.call_sid)
+        elif isinstance(action, st.SayAndHangUp):
+            self._nursery.start_soon(self._say_and_hang_up, action)
         elif isinstance(action, st.RunTool):
             self._nursery.start_soon(self._run_tool, action)
         elif isinstance(action, st.HangUp):

@@ -13,19 +13,32 @@ Invariants:
 - ``EndCall`` is returned at most once; after it, only the upstream goodbye is still tracked.
 - Tool results follow reference §7: sent when ``reply.done`` is the latest turn event, held
   otherwise (flushed after ``tool_hold_max_s`` as a safety net), discarded when the reply that
-  asked for them was interrupted.
+  asked for them was interrupted. ``collect_digits`` results too (the keypad answers it).
+- The conversation sub-machine (``call/conversation.py``: keypad, idle timers, answering
+  machines) is composed here: the core feeds it and turns its outputs into the same actions.
+  With AMD holding the greeting, caller audio is dropped (counted as pre-ready) until a person
+  is known. A last reply (idle goodbye, voicemail) ends the call once heard, like ``end_call``,
+  or at ``end_call_deadline_s`` if it never plays.
+- Recovery (``recovery_s`` > 0): a resume refused with a resume-failed code opens a fresh
+  session (phase RECOVERING) whose prompt carries the conversation; caller audio in the gap is
+  dropped and counted; once ready, ``reply.create`` asks for the apology. If no agent audio went
+  to Twilio within ``recovery_s`` of the refusal, or the fresh session fails, the call ends
+  (the fallback plays). Tool calls of the old session are discarded (the new one never made them).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 import orjson
 
 from bridge.agent import events as ag
+from bridge.call import conversation as cv
+from bridge.call import recovery
 from bridge.call.actions import (
     Action,
     CallStats,
@@ -36,6 +49,7 @@ from bridge.call.actions import (
     Log,
     Outcome,
     RunTool,
+    SayAndHangUp,
     SendAgent,
     SendPhone,
     Transfer,
@@ -43,11 +57,12 @@ from bridge.call.actions import (
 from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
 from bridge.phone import media as tw
-from bridge.records.facts import DtmfPressed, ToolFinished, ToolStarted
+from bridge.records.facts import AnsweredBy, DtmfPressed, SessionRecovered, ToolFinished, ToolStarted
 
 END_CALL_TOOL = "end_call"
 TRANSFER_TOOL = "transfer_call"
 _MAX_LOGGED_INVALID = 5  # per call and side; the rest are only counted
+MAX_RECOVERIES = 3  # per call: a service that refuses every resume must not loop for the whole call
 
 
 __all__ = [
@@ -63,6 +78,7 @@ __all__ = [
     "Outcome",
     "Phase",
     "RunTool",
+    "SayAndHangUp",
     "SendAgent",
     "SendPhone",
     "Transfer",
@@ -88,6 +104,7 @@ class Phase(Enum):
     CONNECTING = "connecting"  # start seen, upstream not ready yet
     LIVE = "live"
     RECONNECTING = "reconnecting"
+    RECOVERING = "recovering"  # resume refused: a fresh session is opening
     ENDING = "ending"
 
 
@@ -96,24 +113,36 @@ class _ToolCallState:
     reply_id: str | None
     done: bool = False
     discarded: bool = False
+    running: bool = False  # a Python tool or a transfer: the caller is not idle meanwhile
 
 
 class CallState:
     """All decisions of one call. See the module docstring for the invariants."""
 
     __slots__ = (
+        "_amd_gate",
         "_bucket_at",
         "_bucket_ms",
         "_current_reply",
+        "_final_deadline",
+        "_final_pending",
         "_gate_open",
+        "_greeting_sent",
         "_held_results",
+        "_history",
         "_last_phone_at",
         "_ready_deadline",
+        "_ready_seen",
+        "_recovery_deadline",
+        "_recovery_frames",
+        "_recovery_instructions",
         "_resume_attempts",
         "_resume_deadline",
         "_tools",
         "call_sid",
+        "conversation",
         "custom_parameters",
+        "drop_upstream",
         "end_reason",
         "expected_call_sid",
         "outcome",
@@ -121,6 +150,7 @@ class CallState:
         "playback",
         "policy",
         "record",
+        "recovered",
         "session_id",
         "stats",
         "stream_sid",
@@ -154,6 +184,20 @@ class CallState:
         self._bucket_ms = policy.caller_burst_ms
         self._bucket_at = 0.0
         self._last_phone_at: float | None = None
+        # Keypad, idle timers, AMD: made at ``start`` (the AMD clock runs from the answer).
+        self.conversation: cv.Conversation | None = None
+        self._amd_gate = False  # caller audio held back: AMD has not found a person yet
+        self._greeting_sent = True
+        self._ready_seen = False
+        self._final_pending = False  # a last reply was asked for and has not started yet
+        self._final_deadline: float | None = None  # ...and the call ends by then if it never plays
+        # Recovery (a refused resume -> a fresh session).
+        self.recovered = False
+        self.drop_upstream = False  # the session stops reading the refused socket (and retires it)
+        self._recovery_deadline: float | None = None
+        self._recovery_frames = 0
+        self._recovery_instructions = ""
+        self._history = recovery.History(policy.recovery_context_chars) if policy.recovery_s > 0 else None
 
     @property
     def ending(self) -> bool:
@@ -185,7 +229,12 @@ class CallState:
         if isinstance(event, tw.Start):
             return self._on_start(event, now)
         if isinstance(event, tw.Mark):
-            return self.playback.on_echo(event.name, now)
+            playback = self.playback
+            was = playback.state
+            actions = playback.on_echo(event.name, now)
+            if was is PlaybackState.PLAYING and playback.state is PlaybackState.IDLE and self.conversation:
+                self.conversation.reply_heard(now)  # the reply's last mark: everything was heard
+            return actions
         if isinstance(event, tw.Stop):
             if self.stream_sid and event.stream_sid != self.stream_sid:
                 return self._invalid_twilio("stop for another streamSid")
@@ -195,10 +244,7 @@ class CallState:
                 return self._end("call hung up after the goodbye", Outcome.AGENT_ENDED)
             return self._end("caller hung up (stop)", Outcome.CALLER_HUNG_UP)
         if isinstance(event, tw.Dtmf):
-            pressed: list[Action] = [Log(logging.INFO, f"caller pressed {event.digit[:8]!r}")]
-            if self.record:
-                pressed.append(Fact(DtmfPressed(event.digit[:8], now)))
-            return pressed
+            return self._on_dtmf(event, now)
         if isinstance(event, tw.InvalidFrame):
             return self._invalid_twilio(event.reason)
         if isinstance(event, tw.Connected):
@@ -228,6 +274,20 @@ class CallState:
         self.phase = Phase.CONNECTING
         self.stats.started_at = now
         self._bucket_at = now
+        p = self.policy
+        self.conversation = cv.Conversation.for_call(
+            outbound=p.outbound,
+            greeting="",  # known once the session config is resolved (session_config)
+            now=now,
+            keypad_tool=p.keypad_tool,
+            dtmf_to_agent=p.dtmf_to_agent,
+            idle_reprompt_s=p.idle_reprompt_s,
+            idle_hangup_s=p.idle_hangup_s,
+            amd=p.amd,
+            amd_wait_s=p.amd_wait_s,
+            voicemail_message=p.voicemail_message,
+        )
+        self._amd_gate = self.conversation.amd is not None
         self._ready_deadline = now + self.policy.ready_timeout_s
         actions: list[Action] = [
             ConnectAgent(),
@@ -247,7 +307,7 @@ class CallState:
                 return self._invalid_twilio("media before start")
             if self.phase is Phase.ENDING:
                 return []  # the call is over: neither forwarded nor counted as a drop
-            if self.phase is Phase.RECONNECTING:
+            if self.phase is Phase.RECONNECTING or self.phase is Phase.RECOVERING:
                 stats.frames_dropped_gap += 1  # never burst upstream after the resume
             else:
                 stats.frames_dropped_pre_ready += 1
@@ -256,6 +316,9 @@ class CallState:
             return self._invalid_twilio("media for another streamSid")
         if event.track not in ("inbound", ""):  # bidirectional streams carry the caller only
             return self._invalid_twilio(f"media for track {event.track[:16]!r}")
+        if self._amd_gate:  # a machine's greeting would start a reply: held until a person is known
+            stats.frames_dropped_pre_ready += 1
+            return []
         # Token bucket in ms of audio: refills at real time, holds at most the burst allowance.
         bucket = self._bucket_ms + (now - self._bucket_at) * 1000.0
         self._bucket_at = now
@@ -330,11 +393,20 @@ class CallState:
             return self._end(
                 f"could not resume the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False
             )
+        if self.phase is Phase.RECOVERING:
+            return self._end(
+                f"recovery failed: could not open a fresh Voice Agent session: {detail}",
+                Outcome.UPSTREAM_FAILED,
+                upstream=False,
+            )
         self.upstream_ended = True
         return self._end(f"could not open the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False)
 
     def _on_ready(self, event: ag.SessionReady, now: float) -> list[Action]:
         resumed = self.phase is Phase.RECONNECTING
+        recovering = self.phase is Phase.RECOVERING
+        first = not self._ready_seen
+        self._ready_seen = True
         self.phase = Phase.LIVE
         self.session_id = event.session_id
         self._ready_deadline = None
@@ -343,8 +415,36 @@ class CallState:
             self.stats.resumes += 1
         self._bucket_at = now
         self._bucket_ms = self.policy.caller_burst_ms
-        what = "resumed" if resumed else "ready"
-        return [Log(logging.INFO, f"agent session {event.session_id} {what}")]
+        what = "resumed" if resumed else "ready (recovered: a fresh session)" if recovering else "ready"
+        actions: list[Action] = [Log(logging.INFO, f"agent session {event.session_id} {what}")]
+        conv = self.conversation
+        if recovering:
+            actions.extend(self._recovered(event, now))
+        elif first and conv is not None:
+            actions.extend(self._conv(conv.session_ready(now, greeting=self._greeting_sent), now))
+        return actions
+
+    def _recovered(self, event: ag.SessionReady, now: float) -> list[Action]:
+        """The fresh session is up: forget the old session's turn state and ask for the apology."""
+        self.stats.recoveries += 1
+        self.recovered = True
+        self._recovery_frames = self.stats.frames_to_twilio  # heard once more agent audio went out
+        for tool in self._tools.values():
+            if not tool.done:
+                tool.discarded = True  # the fresh session never made these calls
+        self._held_results = []
+        self._gate_open = True
+        self._current_reply = None
+        actions: list[Action] = []
+        if self.record:
+            actions.append(Fact(SessionRecovered(event.session_id, now)))
+        conv = self.conversation
+        if conv is not None:
+            conv.upstream_replaced(now)
+            if conv.amd is not None and not conv.amd.listening:
+                return actions  # nobody greeted yet: the AMD result (or its timer) still decides
+        actions.append(SendAgent(ag.reply_create(self._recovery_instructions)))
+        return actions
 
     def _on_error(self, event: ag.SessionError, now: float) -> list[Action]:
         self.stats.upstream_errors += 1
@@ -352,10 +452,65 @@ class CallState:
             msg = f"VOICE {self.policy.voice!r} was rejected by the Voice Agent API: {event.message}"
         else:
             msg = f"Voice Agent error {event.code}: {event.message}"
-        if event.fatal or self.phase in (Phase.CONNECTING, Phase.RECONNECTING):
+        if (
+            self.phase is Phase.RECONNECTING
+            and event.code in ag.RESUME_FAILED_CODES
+            and self.policy.recovery_s > 0
+            and self.stats.recoveries < MAX_RECOVERIES
+        ):
+            return [Log(logging.WARNING, msg), *self._recover(event, now)]
+        if event.fatal or self.phase in (Phase.CONNECTING, Phase.RECONNECTING, Phase.RECOVERING):
             # Any error before ready was fatal live (the service closes with 1008).
             return [Log(logging.ERROR, msg), *self._end(msg, Outcome.UPSTREAM_FAILED, upstream=False)]
         return [Log(logging.WARNING, msg + " (the call goes on)")]
+
+    def _recover(self, event: ag.SessionError, now: float) -> list[Action]:
+        """The resume was refused: open a fresh session instead (same persona and tools, the
+        conversation in its prompt). The refused socket is not read any more."""
+        self.phase = Phase.RECOVERING
+        self.drop_upstream = True
+        self._resume_deadline = None
+        self._recovery_deadline = now + self.policy.recovery_s
+        self._current_reply = None
+        return [
+            Log(logging.WARNING, f"resume of session {self.session_id} refused: opening a fresh session"),
+            ConnectAgent(fresh=True),
+        ]
+
+    def session_config(self, config: ag.SessionConfig, record: Mapping[str, Any] | None = None) -> ag.SessionConfig:
+        """The ``session.update`` to open the upstream with, from the persona's ``config``.
+
+        AMD holding the greeting: without it (requested once a person is known). Recovering: the
+        conversation so far in the prompt (from ``record``, the call record when one is kept,
+        else the core's own history), no greeting."""
+        if self.phase is Phase.RECOVERING:
+            entries = recovery.entries_from_record(record) if record else []
+            if not entries and self._history is not None:
+                entries = self._history.entries()
+            plan = recovery.build_recovery(
+                config.system_prompt, entries, max_chars=self.policy.recovery_context_chars
+            )
+            self._recovery_instructions = plan.instructions
+            return replace(config, system_prompt=plan.system_prompt, greeting="")
+        conv = self.conversation
+        if conv is not None and conv.amd is not None:
+            conv.amd.greeting = config.greeting
+            self._greeting_sent = False
+            return replace(config, greeting="")
+        self._greeting_sent = bool(config.greeting)
+        return config
+
+    def on_amd_result(self, answered_by: str, now: float) -> list[Action]:
+        """Twilio's ``AnsweredBy`` for this call (``/amd-status``, via ``call/signals.py``)."""
+        conv = self.conversation
+        if self.phase is Phase.ENDING or conv is None:
+            return []
+        amd = conv.amd
+        before = amd.answered_by if amd is not None else None
+        actions = self._conv(conv.amd_result(answered_by, now), now)
+        if amd is not None and amd.answered_by is not None and amd.answered_by is not before and self.record:
+            actions.insert(0, Fact(AnsweredBy(amd.answered_by.value, now)))
+        return actions
 
     def _on_ended(self, event: ag.SessionEnded, now: float) -> list[Action]:
         self.upstream_ended = True
@@ -366,6 +521,7 @@ class CallState:
         self.stats.turns += 1
         if not self.stream_sid:
             return []
+        self._tell_conversation(event, now)
         playback = self.playback
         if self._current_reply is not None:
             playback.interrupt(self._current_reply)
@@ -376,9 +532,17 @@ class CallState:
             actions.append(Log(logging.INFO, "caller barged in: playback cleared"))
         return actions
 
+    def _on_speech_stopped(self, event: ag.SpeechStopped | ag.TranscriptUser, now: float) -> list[Action]:
+        self._tell_conversation(event, now)
+        return []
+
     def _on_reply_started(self, event: ag.ReplyStarted, now: float) -> list[Action]:
         self._gate_open = False
         self._current_reply = event.reply_id
+        self._tell_conversation(event, now)
+        if self._final_pending:  # this is the last reply asked for: the call ends once it was heard
+            self._final_pending = False
+            return self.playback.end_call(event.reply_id, now)
         return []
 
     def _on_reply_done(self, event: ag.ReplyDone, now: float) -> list[Action]:
@@ -395,10 +559,14 @@ class CallState:
             if self.stream_sid:
                 actions.extend(self.playback.clear(now))
             self._gate_open = False
+            if self.conversation:
+                self.conversation.reply_heard(now)  # flushed: the agent is quiet from here
             return actions
         self._gate_open = True
         actions.extend(self._flush_results())
         actions.extend(self.playback.reply_completed(event.reply_id, now))
+        if self.conversation and self.playback.state is PlaybackState.IDLE:
+            self.conversation.reply_heard(now)  # nothing left playing (a silent reply)
         return actions
 
     def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
@@ -406,7 +574,15 @@ class CallState:
         if event.call_id in self._tools:
             return [Log(logging.WARNING, f"duplicate tool.call {event.call_id} ignored")]
         self.stats.tool_calls += 1
-        self._tools[event.call_id] = _ToolCallState(self._current_reply)
+        self._tools[event.call_id] = tool = _ToolCallState(self._current_reply)
+        if self._history is not None:
+            self._history.tool_started(event.call_id, event.name, event.arguments)
+        conv = self.conversation
+        if conv is not None and conv.claims(event.name):
+            return [
+                Log(logging.INFO, f"tool call {event.name} {_short(event.arguments or {})}"),
+                *self._conv(conv.agent_event(event, now), now),
+            ]
         started: list[Action] = []
         if self.record:
             started.append(Fact(ToolStarted(event.call_id, event.name, event.arguments or {}, now)))
@@ -432,21 +608,33 @@ class CallState:
                         event.call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
                     ),
                 ]
+            self._tool_running(tool, now)
             return [
                 *started,
                 Log(logging.INFO, f"agent asked to transfer the call to {number}"),
                 Transfer(event.call_id, number),
             ]
+        self._tool_running(tool, now)
         return [
             *started,
             Log(logging.INFO, f"tool call {event.name} {_short(event.arguments)}"),
             RunTool(event.call_id, event.name, event.arguments),
         ]
 
+    def _tool_running(self, tool: _ToolCallState, now: float) -> None:
+        tool.running = True
+        if self.conversation:
+            self.conversation.tool_started(now)
+
     def _on_transcript_user(self, event: ag.TranscriptUser, now: float) -> list[Action]:
+        if self._history is not None:
+            self._history.said("caller", event.text)
+        self._tell_conversation(event, now)
         return [Log(logging.INFO, f"caller: {event.text}")]
 
     def _on_transcript_agent(self, event: ag.TranscriptAgent, now: float) -> list[Action]:
+        if self._history is not None:
+            self._history.said("agent", event.text)  # cut to what was spoken when interrupted
         suffix = " [interrupted]" if event.interrupted else ""
         return [Log(logging.INFO, f"agent: {event.text}{suffix}")]
 
@@ -463,14 +651,26 @@ class CallState:
         tool = self._tools.get(call_id)
         if tool is None or tool.done or self.phase is Phase.ENDING:
             return []
-        tool.done = True
+        if tool.running:
+            tool.running = False
+            if self.conversation:
+                self.conversation.tool_finished(now)
+        if self._history is not None:
+            self._history.tool_finished(call_id, result, is_error)
         finished: list[Action] = [Fact(ToolFinished(call_id, result, is_error, now))] if self.record else []
+        return [*finished, *self._deliver_result(call_id, result, is_error, now)]
+
+    def _deliver_result(self, call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
+        tool = self._tools.get(call_id)
+        if tool is None or tool.done or self.phase is Phase.ENDING:
+            return []
+        tool.done = True
         if tool.discarded:
-            return finished
+            return []
         if self._gate_open:
-            return [*finished, SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
+            return [SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
         self._held_results.append((call_id, result, is_error, now))
-        return finished
+        return []
 
     def on_transfer_started(self) -> None:
         """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""
@@ -486,7 +686,7 @@ class CallState:
     def connect_refused_for_now(self, event: ag.SessionError) -> bool:
         """A refusal before the first ``session.ready`` that another connect may pass
         (``at_capacity``, ``concurrency_exceeded``; reference §8): the leg retries with backoff."""
-        return self.phase is Phase.CONNECTING and event.code in ag.RETRYABLE_CONNECT_CODES
+        return self.phase in (Phase.CONNECTING, Phase.RECOVERING) and event.code in ag.RETRYABLE_CONNECT_CODES
 
     def on_tick(self, now: float) -> list[Action]:
         """Deadlines: upstream ready, call length, goodbye mark, held tool results."""
@@ -500,6 +700,14 @@ class CallState:
                 Outcome.UPSTREAM_FAILED,
                 upstream=False,
             )
+        if self._recovery_deadline is not None:
+            if self.phase is Phase.LIVE and self.stats.frames_to_twilio > self._recovery_frames:
+                self._recovery_deadline = None  # the caller hears the agent again
+            elif now >= self._recovery_deadline:
+                return self._end(
+                    f"recovery failed: the caller did not hear the agent within {self.policy.recovery_s:g} s",
+                    Outcome.UPSTREAM_FAILED,
+                )
         last = self._last_phone_at
         if last is not None and now - last >= self.policy.twilio_silence_s:
             return self._end(f"Twilio sent nothing for {self.policy.twilio_silence_s:g} s", Outcome.STUCK)
@@ -509,6 +717,20 @@ class CallState:
         actions = self.playback.on_tick(now)
         if self._held_results and now - self._held_results[0][3] >= self.policy.tool_hold_max_s:
             actions.extend(self._flush_results())
+        if self._final_deadline is not None:
+            goodbye = self.playback.goodbye
+            if goodbye is GoodbyePhase.MARK_SENT or goodbye is GoodbyePhase.HANGING_UP:
+                self._final_deadline = None  # heard (or the mark's own deadline runs)
+            elif now >= self._final_deadline:
+                self._final_deadline = None
+                self._final_pending = False
+                self.playback.goodbye = GoodbyePhase.HANGING_UP
+                actions.append(HangUp("the last reply did not play in time"))
+        conv = self.conversation
+        if conv is not None:
+            due = conv.next_deadline()
+            if due is not None and now >= due:
+                actions.extend(self._conv(conv.tick(now), now))
         return actions
 
     def end_now(self, reason: str, outcome: Outcome, *, end_upstream: bool = True) -> list[Action]:
@@ -529,8 +751,80 @@ class CallState:
             return [Log(logging.WARNING, f"skipped invalid Twilio frame: {reason}")]
         return []
 
+    # --- the conversation sub-machine ---------------------------------------------------------
+
+    def _on_dtmf(self, event: tw.Dtmf, now: float) -> list[Action]:
+        conv = self.conversation
+        if conv is None:  # before start: only noted
+            pressed: list[Action] = [Log(logging.INFO, f"caller pressed {event.digit[:8]!r}")]
+            if self.record:
+                pressed.append(Fact(DtmfPressed(event.digit[:8], now)))
+            return pressed
+        shown = "a key (sensitive entry: masked)" if conv.keypad.sensitive else repr(event.digit[:8])
+        actions: list[Action] = [Log(logging.INFO, f"caller pressed {shown}")]
+        actions.extend(self._conv(conv.phone_event(event, now), now))
+        self._revived()
+        return actions
+
+    def _tell_conversation(self, event: ag.AgentEvent, now: float) -> None:
+        """Turn events the conversation only observes (its timers); nothing comes back."""
+        conv = self.conversation
+        if conv is not None:
+            conv.agent_event(event, now)
+            self._revived()
+
+    def _revived(self) -> None:
+        """The caller spoke or pressed a key during the idle goodbye: the call goes on."""
+        conv = self.conversation
+        if self._final_deadline is not None and conv is not None and conv.ending is None:
+            self._final_pending = False
+            self._final_deadline = None
+            self.playback.cancel_goodbye()
+
+    def _conv(self, outs: list[cv.Out], now: float) -> list[Action]:
+        """The conversation's outputs as the core's actions, in order."""
+        actions: list[Action] = []
+        history = self._history
+        for out in outs:
+            if isinstance(out, cv.AgentSend):
+                actions.append(SendAgent(out.text))
+            elif isinstance(out, cv.ToolReply):
+                actions.extend(self._deliver_result(out.tool_call_id, out.result, out.is_error, now))
+            elif isinstance(out, cv.Record):
+                fact = out.fact
+                if history is not None and isinstance(fact, ToolFinished):
+                    history.tool_finished(fact.tool_call_id, fact.result, fact.is_error)  # masked
+                if self.record:
+                    actions.append(Fact(fact))
+            elif isinstance(out, cv.Note):
+                actions.append(Log(out.level, out.message))
+            elif isinstance(out, cv.FinalReply):
+                actions.extend(self._final_reply(out, now))
+            elif isinstance(out, cv.SayAndHangUp):
+                actions.append(SayAndHangUp(out.message, out.reason))
+            elif isinstance(out, cv.HangUpNow):
+                self.playback.goodbye = GoodbyePhase.HANGING_UP  # Twilio's stop is our hang-up
+                actions.append(HangUp(out.reason))
+        conv = self.conversation
+        if conv is not None and conv.amd is not None:
+            self._amd_gate = not conv.amd.listening
+        return actions
+
+    def _final_reply(self, out: cv.FinalReply, now: float) -> list[Action]:
+        actions: list[Action] = [Log(logging.INFO, f"a last reply, then the call ends ({out.reason})")]
+        if out.clear_first and self.stream_sid:
+            if self._current_reply is not None:
+                self.playback.interrupt(self._current_reply)
+            actions.extend(self.playback.clear(now))
+        actions.append(SendAgent(ag.reply_create(out.instructions)))
+        self._final_pending = True
+        self._final_deadline = now + self.policy.end_call_deadline_s
+        return actions
+
     def _end(self, reason: str, outcome: Outcome, *, upstream: bool = True) -> list[Action]:
-        had_upstream = self.phase in (Phase.CONNECTING, Phase.LIVE, Phase.RECONNECTING)
+        had_upstream = self.phase in (Phase.CONNECTING, Phase.LIVE, Phase.RECONNECTING, Phase.RECOVERING)
+        if self.conversation is not None:
+            self.conversation.keypad.cancel()
         self.phase = Phase.ENDING
         self.playback.stopped = True
         self.outcome = outcome
@@ -560,6 +854,6 @@ _AGENT_HANDLERS: dict[type, Any] = {
     ag.TranscriptAgent: CallState._on_transcript_agent,
     ag.InvalidEvent: CallState._on_invalid_agent,
     ag.SessionUpdated: lambda self, e, now: [Log(logging.DEBUG, "agent session updated")],
-    ag.SpeechStopped: lambda self, e, now: [],
+    ag.SpeechStopped: CallState._on_speech_stopped,
     ag.TranscriptUserDelta: lambda self, e, now: [],
 }

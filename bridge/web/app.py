@@ -215,8 +215,17 @@ class BridgeApp:
             caller_burst_ms=s.caller_audio_burst_ms,
             resume_window_s=s.resume_window_s,
             twilio_silence_s=s.twilio_silence_s,
+            keypad_tool=s.keypad_tool,
+            dtmf_to_agent=s.dtmf_to_agent,
+            idle_reprompt_s=s.idle_reprompt_s,
+            idle_hangup_s=s.idle_hangup_s,
+            amd=s.amd,
+            amd_wait_s=s.amd_wait_s,
+            voicemail_message=s.voicemail_message,
+            recovery_s=s.recovery_s if s.recovery else 0.0,
+            recovery_context_chars=s.recovery_context_chars,
         )
-        control_tools = call_control_definitions(s.end_call_tool, transfer_numbers)
+        control_tools = call_control_definitions(s.end_call_tool, transfer_numbers, keypad=s.keypad_tool)
         tools, hook = self.deps.tools, self.deps.session_hook
 
         async def session_config(context: CallContext) -> ag.SessionConfig:
@@ -235,6 +244,7 @@ class BridgeApp:
             control=self.deps.control,
             metrics=self.metrics,
             recorder=self.records.new_call(call_id, grant.direction) if self.records is not None else None,
+            signals=self.call_signals,
         )
 
 
