@@ -148,6 +148,7 @@ class Settings:
     record_webhook_url: str | None = None
     record_webhook_secret: str | None = field(default=None, repr=False)
     record_audio: bool = False
+    recordings_dir: str | None = None  # None: next to the SQLite file, or data/recordings
     twilio_api: TwilioApi = TwilioApi()
     # A fleet's shared state (bridge/fleet/redis_state.py): None keeps it in this process.
     redis_url: str | None = field(default=None, repr=False)  # may hold a password
@@ -323,6 +324,7 @@ def from_env(
         record_webhook_url=webhook_url,
         record_webhook_secret=webhook_secret,
         record_audio=r.boolean("RECORD_AUDIO", False),
+        recordings_dir=r.optional("RECORDINGS_DIR"),
         twilio_api=parse_twilio_api(r),
         redis_url=redis_url,
         cluster_max_calls=cluster_max_calls,

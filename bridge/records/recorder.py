@@ -23,6 +23,7 @@ from bridge.phone import media as tw
 from bridge.records import facts as fx
 from bridge.records.live import LiveHub
 from bridge.records.record import RecordBuilder, frames_summary, iso, summary
+from bridge.records.recording import CallAudio, Recordings
 
 log = logging.getLogger("bridge.records")
 
@@ -40,6 +41,7 @@ class Records:
         redact: custom parameter names whose values are masked (``RECORD_REDACT``).
         sinks: where finished records go, in order (store, webhook, a test's list).
         metrics: the process's metrics, or None.
+        recordings: ``RECORD_AUDIO=on``: each call's stereo WAV (None: no audio is kept).
         clock: the calls' monotonic clock (the session's ``now``); wall_clock: epoch seconds.
     """
 
@@ -50,6 +52,7 @@ class Records:
         sinks: tuple[RecordSink, ...] = (),
         metrics: Metrics | None = None,
         hub: LiveHub | None = None,
+        recordings: Recordings | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -57,6 +60,7 @@ class Records:
         self.sinks = sinks
         self.metrics = metrics
         self.hub = hub or LiveHub()
+        self.recordings = recordings
         self.clock = clock
         self.wall_clock = wall_clock
         self._live: dict[str, CallRecorder] = {}  # by CallSid, from the stream's start
@@ -66,7 +70,8 @@ class Records:
         builder = RecordBuilder(
             call_id, direction, origin_mono=self.clock(), origin_wall=self.wall_clock(), redact=self.redact
         )
-        return CallRecorder(self, builder)
+        audio = self.recordings.new_call(call_id) if self.recordings is not None else None
+        return CallRecorder(self, builder, audio)
 
     def live(self, call_sid: str) -> dict[str, Any] | None:
         """The record so far of a live call, or None."""
@@ -103,11 +108,12 @@ class Records:
 class CallRecorder:
     """``CallRecorderPort`` for one call (see /work/notes/facts_contract.md)."""
 
-    __slots__ = ("_activity", "_failed", "_records", "_stats", "builder")
+    __slots__ = ("_activity", "_failed", "_records", "_stats", "audio", "builder")
 
-    def __init__(self, records: Records, builder: RecordBuilder) -> None:
+    def __init__(self, records: Records, builder: RecordBuilder, audio: CallAudio | None = None) -> None:
         self._records = records
         self.builder = builder
+        self.audio = audio  # the port's ``audio``: None unless RECORD_AUDIO=on
         self._stats: object | None = None
         self._activity = ""
         self._failed = False
@@ -124,6 +130,8 @@ class CallRecorder:
             had_sid = bool(b.call_sid)
             b.phone(event, now)
             if isinstance(event, tw.Start) and b.call_sid and not had_sid:
+                if self.audio is not None:
+                    b.recording = self.audio.start(b.call_sid, now)
                 self._records._started(self)
                 self._publish(
                     "call.started",
@@ -162,6 +170,8 @@ class CallRecorder:
                         metrics.turn_response.observe(turn.response_ms / 1000)
                     if turn.first_audio_ms is not None:
                         metrics.record_first_audio.observe(turn.first_audio_ms / 1000)
+            elif isinstance(fact, fx.ClearSent) and self.audio is not None:
+                self.audio.clear(fact.at)
             elif isinstance(fact, fx.MarkPlayed) and not fact.heard:
                 self._publish_reply(fact.reply_id)
             elif isinstance(fact, (fx.ToolStarted, fx.ToolFinished)):
@@ -176,6 +186,8 @@ class CallRecorder:
         b = self.builder
         if b.finished:
             return
+        if self.audio is not None:
+            self.audio.finish()
         try:
             b.finish(now)
             record = self.snapshot(now)
