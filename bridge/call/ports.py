@@ -47,6 +47,20 @@ class MessageSocket(Protocol):
         """How the socket closed, for logs and the call's end reason (``close 1011 reason``)."""
 
 
+class AudioRecorderPort(Protocol):
+    """``RECORD_AUDIO=on``: the call's audio for its stereo WAV (``bridge/records/recording.py``).
+
+    Cost rule: called per frame, so each method only appends what it is given (no decoding, no
+    I/O) and must not raise; the session stops recording the audio of a call whose port raised.
+    """
+
+    def caller(self, event: tw.Media) -> None:
+        """Every Twilio media frame, as parsed."""
+
+    def agent(self, event: ag.ReplyAudio, now: float) -> None:
+        """Agent audio the core forwarded to Twilio at ``now`` (not the audio it dropped)."""
+
+
 class CallRecorderPort(Protocol):
     """Builds the record of one call from what the session sees (``bridge/records/recorder.py``).
 
@@ -55,6 +69,10 @@ class CallRecorderPort(Protocol):
     (no serialisation, no I/O) and must not raise; the session stops recording a call whose
     recorder raised, and the call goes on.
     """
+
+    @property
+    def audio(self) -> AudioRecorderPort | None:
+        """The call's audio recorder, or None (``RECORD_AUDIO=off``: no per-frame work)."""
 
     def phone(self, event: tw.TwilioEvent, now: float) -> None:
         """Every parsed Twilio event except ``Media``."""

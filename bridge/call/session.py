@@ -193,9 +193,12 @@ class CallSession:
             apply(state.on_phone(parse(frame), clock()))
 
     async def _phone_rx_recorded(self) -> None:
-        """``_phone_rx`` with records on: the recorder also sees every Twilio event but media."""
+        """``_phone_rx`` with records on: the recorder also sees every Twilio event but media,
+        and with RECORD_AUDIO=on its audio port gets the media frames (an append each)."""
         state, phone, clock, parse, apply = self.state, self._phone, self._clock, tw.parse, self._apply
         media, invalid = tw.Media, tw.InvalidFrame  # hoisted: tested on every frame
+        audio = self._recorder.audio if self._recorder is not None else None
+        caller_audio = audio.caller if audio is not None else None  # None: RECORD_AUDIO=off
         while True:
             frame = await phone.receive()
             now = clock()
@@ -204,7 +207,14 @@ class CallSession:
                 return
             event = parse(frame)
             kind = type(event)
-            if kind is not media and kind is not invalid and (recorder := self._recorder) is not None:
+            if kind is media:
+                if caller_audio is not None:
+                    try:
+                        caller_audio(event)  # type: ignore[arg-type]
+                    except Exception:  # a recorder bug never costs the call: stop recording audio
+                        log.exception("the call's audio recorder failed: its audio is no longer recorded")
+                        caller_audio = None
+            elif kind is not invalid and (recorder := self._recorder) is not None:
                 try:
                     recorder.phone(event, now)  # type: ignore[arg-type]
                 except Exception:  # a recorder bug never costs the call: stop recording it
@@ -335,6 +345,8 @@ class CallSession:
         """Read the agent until its socket closes. Returns a reason to retry the connect, or None."""
         state, clock, parse, apply = self.state, self._clock, ag.parse, self._apply
         metrics = self.setup.metrics
+        audio = self._recorder.audio if self._recorder is not None else None
+        agent_audio = audio.agent if audio is not None else None  # None: RECORD_AUDIO=off
         while True:
             frame = await sock.receive()
             if frame is None:
@@ -353,7 +365,17 @@ class CallSession:
                     metrics.reply_latency.observe(clock() - self._speech_stopped_at)
                     self._speech_stopped_at = None
                 first = state.stats.first_audio_at is None
-                apply(state.on_agent(event, clock()))
+                if agent_audio is None:
+                    apply(state.on_agent(event, clock()))
+                else:
+                    now, forwarded = clock(), state.stats.frames_to_twilio
+                    apply(state.on_agent(event, now))
+                    if state.stats.frames_to_twilio != forwarded:  # the core sent it on to Twilio
+                        try:
+                            agent_audio(event, now)  # type: ignore[arg-type]
+                        except Exception:  # a recorder bug never costs the call: stop recording audio
+                            log.exception("the call's audio recorder failed: its audio is no longer recorded")
+                            agent_audio = None
                 if first and state.stats.first_audio_at is not None and metrics and state.stats.started_at is not None:
                     metrics.first_audio.observe(state.stats.first_audio_at - state.stats.started_at)
                 continue
