@@ -4,7 +4,9 @@ A call set-up here is what the bridge asks the shared state for one call: ``rese
 webhook), ``admit`` (the stream upgrade) and ``release`` (teardown) — three round trips with
 the parent. The parent side runs in its own process (``--serve-fd``, as ``bridge/workers.py``
 runs it), over a socketpair, so the figure includes the context switches of the real thing.
-Not a load test: one process asking, sequentially and with some set-ups in flight at once.
+Not a load test: one process asking, sequentially and with some set-ups in flight at once. Wall
+time per set-up depends on what else the machine runs; CPU per set-up (the asking process's and
+the parent's, from ``/proc``: Linux only) is what every set-up costs the machine.
 
     .venv/bin/python tools/bench_admission.py --runs 5 --calls 3000
 """
@@ -12,6 +14,7 @@ Not a load test: one process asking, sequentially and with some set-ups in fligh
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -46,15 +49,33 @@ async def _setups(state: SharedState, calls: int, concurrency: int, prefix: str)
     return time.perf_counter() - started
 
 
-async def _measure(kind: str, calls: int, concurrency: int, runs: int) -> list[float]:
-    """Microseconds per set-up, one figure per run."""
-    results: list[float] = []
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of this process, plus of ``pid`` (Linux ``/proc``) if given."""
+    total = time.process_time()
+    if pid is not None:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def _runs(
+    state: SharedState, calls: int, concurrency: int, runs: int, pid: int | None
+) -> list[tuple[float, float]]:
+    """(wall, CPU) microseconds per set-up, one pair per run; CPU counts both processes."""
+    await _setups(state, min(calls, 500), concurrency, "warm")
+    results: list[tuple[float, float]] = []
+    for run in range(runs):
+        cpu = _cpu_s(pid)
+        wall = await _setups(state, calls, concurrency, f"r{run}")
+        results.append((wall / calls * 1e6, (_cpu_s(pid) - cpu) / calls * 1e6))
+    return results
+
+
+async def _measure(kind: str, calls: int, concurrency: int, runs: int) -> list[tuple[float, float]]:
+    """(wall, CPU) microseconds per set-up, one pair per run."""
     if kind == "in-process":
-        state: SharedState = InProcessState(max(concurrency, 1) * 2)
-        await _setups(state, min(calls, 500), concurrency, "warm")
-        for run in range(runs):
-            results.append(await _setups(state, calls, concurrency, f"r{run}") / calls * 1e6)
-        return results
+        return await _runs(InProcessState(max(concurrency, 1) * 2), calls, concurrency, runs, None)
     ours, theirs = socket.socketpair()
     parent = await trio.lowlevel.open_process([sys.executable, __file__, "--serve-fd", str(theirs.fileno())],
                                               pass_fds=(theirs.fileno(),))
@@ -63,15 +84,13 @@ async def _measure(kind: str, calls: int, concurrency: int, runs: int) -> list[f
         client = ParentState(ours)
         async with trio.open_nursery() as nursery:
             await nursery.start(client.run, lambda call_id, reason: None)
-            await _setups(client, min(calls, 500), concurrency, "warm")
-            for run in range(runs):
-                results.append(await _setups(client, calls, concurrency, f"r{run}") / calls * 1e6)
+            results = await _runs(client, calls, concurrency, runs, parent.pid)
             nursery.cancel_scope.cancel()
+        return results
     finally:
         parent.terminate()
         with trio.move_on_after(5):
             await parent.wait()
-    return results
 
 
 def _serve(fd: int) -> None:
@@ -91,15 +110,18 @@ def main() -> int:
     if args.serve_fd is not None:
         _serve(args.serve_fd)
         return 0
-    print(f"{args.calls} call set-ups (reserve + admit + release) per run, median of {args.runs} runs")
-    print("| shared state | in flight | us per set-up (median) | min-max | set-ups/s |")
-    print("|---|---|---|---|---|")
+    print(f"{args.calls} call set-ups (reserve + admit + release) per run, median of {args.runs} runs;"
+          " CPU is both processes' (the asking one and the parent)")
+    print("| shared state | in flight | wall us per set-up (median) | min-max | set-ups/s | CPU us per set-up |")
+    print("|---|---|---|---|---|---|")
     for kind in ("in-process", "WORKERS parent"):
         for concurrency in (1, 8):
             figures = trio.run(_measure, kind, args.calls, concurrency, args.runs)
-            median = statistics.median(figures)
-            print(f"| {kind} | {concurrency} | {median:.1f} | {min(figures):.1f}-{max(figures):.1f} |"
-                  f" {1e6 / median:,.0f} |")
+            walls = [wall for wall, _ in figures]
+            median = statistics.median(walls)
+            cpu = statistics.median(c for _, c in figures)
+            print(f"| {kind} | {concurrency} | {median:.1f} | {min(walls):.1f}-{max(walls):.1f} |"
+                  f" {1e6 / median:,.0f} | {cpu:.1f} |")
     return 0
 
 
