@@ -161,8 +161,9 @@ class CallAudio:
         wav = self._wav
         if wav is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")  # noqa: SIM115 (open across passes; closed in _close)
-            wav = wave.open(self._file, "wb")
+            # Both stay open across passes (one call's file); _close closes them.
+            self._file = open(self.path, "wb")  # noqa: SIM115
+            wav = wave.open(self._file, "wb")  # noqa: SIM115
             wav.setnchannels(2)
             wav.setsampwidth(2)
             wav.setframerate(rate)
