@@ -159,8 +159,11 @@ def test_collapse_profile() -> None:
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 @pytest.mark.skipif(not (lt.LOADGEN_DIR / "node_modules" / "ws").exists(), reason="run npm ci --prefix tools/loadgen")
-def test_quick_real_run(tmp_path: Path) -> None:
+def test_quick_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 calls for 2 s through the real server: zero loss both ways, clears arrive."""
+    # The server inherits this process's environment and runs in the repository: its call
+    # records go to a temporary file, not ./data/calls.sqlite3.
+    monkeypatch.setenv("RECORDS_URL", f"sqlite:///{tmp_path}/calls.sqlite3")
     out = tmp_path / "bench.json"
     assert (
         lt.main(
@@ -195,3 +198,4 @@ def test_quick_real_run(tmp_path: Path) -> None:
     assert set(lines) == {("cpu", "bridge"), ("p99", "bridge")}
     assert all(len((points or "").split()) == 1 for points in lines.values())
     assert sys.executable  # the server ran under this interpreter
+    assert (tmp_path / "calls.sqlite3").exists()  # records on (the default), in the temporary file
