@@ -5,11 +5,13 @@ One browser for the module (started once, ~2 s); each test starts its own bridge
 call runs in a worker thread (``trio.to_thread``): the bridge runs on this test's Trio loop, and a
 blocking call on the loop would stop it from answering the browser.
 
-Screenshots of every page at 1280x800 and 390x844 go to ``test-artifacts/console/``.
+Screenshots of every page at 1280x800 and 390x844 go to ``test-artifacts/console/``; the README's
+docs/console-call.png is ``call-stored-desktop.png`` (see the README's Console section).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,8 +28,9 @@ from tools.fake_agent import FakeAgentConfig
 from tools.fake_twilio import CallPlan, CallResult
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, UnexpectedAlertPresentException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
@@ -110,19 +113,55 @@ class Browser:
         )
 
     async def shots(self, page: str) -> list[Path]:
-        """A screenshot of the current page at both sizes; asserts nothing overflows sideways."""
+        """A screenshot of the current page at both sizes; asserts nothing overflows sideways and
+        every control has a name."""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert await self.unnamed_controls() == [], f"{page}: controls without an accessible name"
         paths = []
         for name in SIZES:
             await self.size(name)
             await trio.sleep(0.15)  # layout after the resize
-            overflow = await self.js("return document.documentElement.scrollWidth - window.innerWidth")
+            # Against the layout width the page asked for (clientWidth): a phone browser widens
+            # window.innerWidth to fit content that overflows, and then shows the page zoomed out.
+            overflow = await self.js("const d = document.documentElement; return d.scrollWidth - d.clientWidth")
             assert overflow <= 1, f"{page} at {name}: the page is {overflow} px wider than the screen"
             path = ARTIFACTS / f"{page}-{name}.png"
             assert await self.run(self.driver.save_screenshot, str(path))
             paths.append(path)
         await self.size("desktop")
         return paths
+
+    async def unnamed_controls(self) -> list[str]:
+        """Controls that Chromium's accessibility tree gives no name (what a screen reader says)."""
+        tree = await self.run(self.driver.execute_cdp_cmd, "Accessibility.getFullAXTree", {})
+        roles = {"button", "link", "textbox", "searchbox", "combobox", "checkbox", "radio", "slider", "menuitem"}
+        unnamed = []
+        for node in tree["nodes"]:
+            role = (node.get("role") or {}).get("value")
+            if node.get("ignored") or role not in roles:
+                continue
+            if not str((node.get("name") or {}).get("value") or "").strip():
+                unnamed.append(f"{role} (backend node {node.get('backendDOMNodeId')})")
+        return unnamed
+
+    async def press(self, key: str) -> None:
+        def send() -> None:
+            # A key that opens a confirm() ends the action with this error; the caller answers it.
+            with contextlib.suppress(UnexpectedAlertPresentException):
+                ActionChains(self.driver).send_keys(key).perform()
+
+        await self.run(send)
+
+    async def tab_to(self, css: str, limit: int = 40) -> None:
+        """Press Tab until ``css`` has the focus; asserts the focus is drawn (outline)."""
+        for _ in range(limit):
+            await self.press(Keys.TAB)
+            if await self.js("return document.activeElement.matches(arguments[0])", css):
+                style = await self.js("const s = getComputedStyle(document.activeElement); "
+                                      "return [s.outlineStyle, parseFloat(s.outlineWidth)]")
+                assert style[0] != "none" and style[1] >= 2, f"the focus on {css} is not visible: {style}"
+                return
+        raise AssertionError(f"{limit} presses of Tab never reached {css}")
 
     async def sign_in(self, token: str = TOKEN) -> None:
         await self.open("/console")
@@ -240,7 +279,10 @@ async def test_a_live_call_appears_streams_its_transcript_and_end_call_hangs_it_
             assert await browser.text(f"{card} .duration") != first  # the duration ticks
             await browser.shots("live")
 
-            await browser.js(f"document.querySelector(\"{card} button.danger\").click()")
+            # With the keyboard only: Tab to the card's End call button, Enter, confirm.
+            await browser.tab_to(f"{card} button.danger")
+            assert call_sid in (await browser.js("return document.activeElement.getAttribute('aria-label')"))
+            await browser.press(Keys.ENTER)
             assert call_sid in await browser.accept_confirm()
             await wait_until(
                 lambda: any(r.method == "POST" and call_sid in r.path and ("Status", "completed") in r.form
@@ -427,6 +469,11 @@ async def test_a_stored_record_strike_through_chart_values_and_the_recording(dri
         assert bars == [[640, "bar greeting"], [1830, "bar slow"], [420, "bar"]]
         assert "turn 3: 1830 ms" in await browser.js("return document.getElementById('latency-svg')"
                                                     ".getAttribute('aria-label')")
+        labels = await browser.js("const svg = document.getElementById('latency-svg'); "
+                                  "return [...svg.querySelectorAll('text')].map(t => { const b = t.getBBox(); "
+                                  "return [t.textContent, b.x >= 0 && b.x + b.width <= svg.viewBox.baseVal.width]; })")
+        assert ["2000 ms", True] in labels  # the scale: the slowest reply rounded up to 500 ms
+        assert all(inside for _, inside in labels), labels  # no label cut off at the chart's edge
         assert "get_order_status" in await browser.text("#call-tools") and "35 ms" in await browser.text("#call-tools")
         assert "sess_a, sess_b" in await browser.text("#call-facts") and "8.5 s" in await browser.text("#call-facts")
         assert await browser.text("#call-dtmf") == "***"
@@ -437,6 +484,8 @@ async def test_a_stored_record_strike_through_chart_values_and_the_recording(dri
             ".then(rs => rs.map(r => [r.status, r.headers.get('content-type')]))", src)
         assert got == [[200, "audio/wav"], [401, "application/json"]]
         await browser.no_script_ran()
+        await browser.js("window.scrollTo(0, 0)")
+        await browser.shots("call-stored")  # the README's docs/console-call.png
 
 
 async def test_behind_nginx_the_event_stream_is_not_buffered(driver: Any, tmp_path: Path) -> None:
@@ -472,3 +521,27 @@ async def test_behind_nginx_the_event_stream_is_not_buffered(driver: Any, tmp_pa
                 assert trio.current_time() - t1 < 1.0  # one small event arrived at once: not buffered
                 bridge.twilio.request_hangup(call_sid)
             await browser.wait(f"return !document.querySelector(\"{card}\")", what="the card to go")
+
+
+async def test_a_restart_signs_the_browser_out_unless_console_session_secret_is_set(driver: Any) -> None:
+    # Two bridges one after the other are a restart: a new process, a new port on the same host
+    # (a cookie is per host, not per port, so the browser sends the first one's cookie).
+    await browser_quietly_signed_out(driver)
+    for shared, expected in ((None, "sign-in"), ("console-browser-session-secret-0123456789", "live")):
+        extra = {"CONSOLE_SESSION_SECRET": shared} if shared else {}
+        async with running_bridge(env=env() | extra) as before:
+            browser = Browser(driver, before.http_base)
+            await browser.sign_in()
+            await browser.wait("return document.body.dataset.page === 'live'", what="the live page")
+        async with running_bridge(env=env() | extra) as after:
+            browser = Browser(driver, after.http_base)
+            assert await browser.run(driver.get_cookie, "console_session")  # still in the browser
+            await browser.open("/console")
+            await browser.wait("return document.readyState === 'complete'", what="the page")
+            page = await browser.js("return document.getElementById('token') ? 'sign-in' : document.body.dataset.page")
+            assert page == expected, f"after a restart with CONSOLE_SESSION_SECRET={shared!r}"
+        await browser_quietly_signed_out(driver)
+
+
+async def browser_quietly_signed_out(driver: Any) -> None:
+    await trio.to_thread.run_sync(driver.delete_all_cookies)

@@ -219,7 +219,8 @@
       parts.parties = el("span", { class: "meta" });
       parts.transcript = el("ol", { class: "transcript", "aria-label": "Transcript of " + sid, "aria-live": "polite" });
       parts.tool = el("span", { class: "meta" });
-      const button = el("button", { type: "button", class: "danger", text: "End call" });
+      // Named with its CallSid: a screen reader lists one "End call" per live card otherwise.
+      const button = el("button", { type: "button", class: "danger", text: "End call", "aria-label": "End call " + sid });
       button.addEventListener("click", () => hangUp(sid, button));
       entry.parts = parts;
       const card = el("li", { class: "card", "data-call-sid": sid },
@@ -408,8 +409,10 @@
       else if (typeof turn.first_audio_ms === "number") bars.push({ turn: i + 1, ms: turn.first_audio_ms, greeting: true });
     });
     if (!bars.length) return el("p", { class: "empty", text: "No agent replies with audio yet." });
-    const barW = 28, gap = 14, left = 44, top = 18, plotH = 120, bottom = 30;
-    const max = Math.max(500, ...bars.map((b) => b.ms));
+    // The scale's top: the slowest reply rounded up to 500 ms, and wide enough room for its label.
+    const max = Math.max(500, Math.ceil(Math.max(...bars.map((b) => b.ms)) / 500) * 500);
+    const barW = 28, gap = 14, top = 18, plotH = 120, bottom = 30;
+    const left = Math.max(44, 14 + 7 * (max + " ms").length);
     const width = Math.max(240, left + bars.length * (barW + gap) + gap);
     const height = top + plotH + bottom;
     const description = bars.map((b) => "turn " + b.turn + (b.greeting ? " (greeting, first audio)" : "") + ": " + b.ms + " ms");
@@ -511,7 +514,7 @@
         ["Upstream seconds", typeof r.upstream_open_s === "number" ? r.upstream_open_s.toFixed(1) + " s" : "–"],
         ["Agent sessions", (r.agent_session_ids || []).map(str).join(", ") || "–"],
       ];
-      for (const [name, value] of rows) facts.append(el("dt", {}, name), el("dd", { "data-fact": name }, value));
+      for (const [name, value] of rows) facts.append(el("div", {}, el("dt", {}, name), el("dd", { "data-fact": name }, value)));
       const hang = $("call-hangup");
       hang.hidden = !r.live;
       const audioPath = r.recording || r.audio_path || r.recording_path;
