@@ -177,8 +177,9 @@ async def test_a_stream_url_opens_one_stream_on_whichever_worker_it_lands(tmp_pa
         assert fleet.agent.connections_total == 1  # no replay ever reached the Voice Agent
 
 
-async def test_max_concurrent_calls_holds_for_the_machine_whichever_worker_is_asked(tmp_path: Path) -> None:
-    async with workers(tmp_path, 2, MAX_CONCURRENT_CALLS="2") as fleet:
+@pytest.mark.parametrize("count", [2, 4])
+async def test_max_concurrent_calls_holds_for_the_machine_whichever_worker_is_asked(tmp_path: Path, count: int) -> None:
+    async with workers(tmp_path, count, MAX_CONCURRENT_CALLS="2") as fleet:
         async with trio.open_nursery() as nursery:
             done = trio.Event()
 
@@ -220,8 +221,9 @@ async def test_max_concurrent_calls_holds_for_the_machine_whichever_worker_is_as
             await client.send_stop()
 
 
-async def test_a_killed_worker_frees_its_slots_and_its_tokens_stay_spent(tmp_path: Path) -> None:
-    async with workers(tmp_path, 2, MAX_CONCURRENT_CALLS="1") as fleet:
+@pytest.mark.parametrize("count", [2, 4])
+async def test_a_killed_worker_frees_its_slots_and_its_tokens_stay_spent(tmp_path: Path, count: int) -> None:
+    async with workers(tmp_path, count, MAX_CONCURRENT_CALLS="1") as fleet:
         call_sid, url = await _stream_url(fleet)
         async with fleet.twilio.open_stream(url, call_sid=call_sid) as client:
             await client.send_connected()
