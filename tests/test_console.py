@@ -288,3 +288,19 @@ def test_every_form_control_has_a_label() -> None:
 def test_the_console_files_are_package_data() -> None:
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert '"bridge.console" = ["static/*"]' in pyproject
+
+
+def test_the_readme_console_section_shows_the_screenshot_the_browser_test_makes() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme.split("\n## Console\n", 1)[1].split("\n## ", 1)[0]
+    assert "](docs/console-call.png)" in section
+    png = (root / "docs" / "console-call.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1280, 800)
+    assert len(png) < 200_000  # small enough for the repository
+    # The way to make it again, as the README says, is the browser test's own screenshot.
+    assert "cp test-artifacts/console/call-stored-desktop.png docs/console-call.png" in section
+    browser_tests = (root / "tests" / "test_console_browser.py").read_text()
+    assert 'await browser.shots("call-stored")' in browser_tests
