@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit outbound demo console-demo bench image clean
+.PHONY: run test lint typecheck unit outbound demo console-demo fleet bench image clean
 
 # Says what it does (the first run takes ~30 s): one line, then a dot per line pip prints; pip's
 # whole output goes to $(VENV)/install.log and its end is shown if pip fails. Later runs skip it.
@@ -42,6 +42,9 @@ demo: $(STAMP)  ## offline demo: bridge + fake agent + simulated call -> demo-ca
 
 console-demo: $(STAMP)  ## the console with a simulated call now and every 60 s, until Ctrl-C
 	@$(BIN)/python -m tools.console_demo
+
+fleet: $(STAMP)  ## a local fleet: redis-server, two instances sharing it and nginx in front, until Ctrl-C
+	@$(BIN)/python -m tools.fleet
 
 bench: $(STAMP)  ## load benchmark: writes bench-results/ and prints the table
 	@$(BIN)/python -m tools.loadtest
