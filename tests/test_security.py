@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.config import from_env
+from bridge.phone import security
 from bridge.phone.security import SignatureChecker, StreamGrant, check_token, mint_token
 from tools.fake_twilio import twilio_signature
 
@@ -225,3 +226,20 @@ def test_token_minted_by_one_instance_is_accepted_by_another() -> None:
     assert grant == StreamGrant(token, CALL_SID, "outbound", 1060)
     unrelated = from_env({**env, "TWILIO_AUTH_TOKEN": "f" * 32})
     assert check_token(unrelated.stream_token_secret, token, now=1030.0) == "bad signature"
+
+
+@pytest.mark.parametrize(
+    ("text", "is_sid"),
+    [
+        ("CA" + "0123456789abcdef" * 2, True),
+        ("CA" + "0123456789ABCDEF" * 2, True),
+        ("CA" + "0" * 31, False),
+        ("CA" + "0" * 33, False),
+        ("CA" + "0" * 32 + "\n", False),
+        ("ca" + "0" * 32, False),
+        ("AC" + "0" * 32, False),
+        ("CA" + "g" * 32, False),
+    ],
+)
+def test_call_sid_is_exactly_ca_and_32_hex_digits(text: str, is_sid: bool) -> None:
+    assert bool(security.CALL_SID.fullmatch(text)) is is_sid

@@ -23,7 +23,9 @@ from typing import Any, Literal
 from twilio.request_validator import RequestValidator
 
 Direction = Literal["inbound", "outbound"]
-_TOKEN = re.compile(r"^(i|o)\.(CA[0-9a-fA-F]{32})\.(\d{1,12})\.([0-9a-f]{16})\.([0-9a-f]{32})$")
+# A Twilio CallSid (reference twilio.md §3). Use fullmatch: match() with "$" accepts a trailing newline.
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+_TOKEN = re.compile(rf"(i|o)\.({CALL_SID.pattern})\.(\d{{1,12}})\.([0-9a-f]{{16}})\.([0-9a-f]{{32}})")
 _MAX_TOKEN_CHARS = 128
 
 
@@ -64,7 +66,7 @@ def check_token(secret: bytes, token: str, *, now: float) -> StreamGrant | str:
     """The grant, or a short reason why the token is refused (malformed, forged, expired)."""
     if len(token) > _MAX_TOKEN_CHARS:
         return "malformed"
-    match = _TOKEN.match(token)
+    match = _TOKEN.fullmatch(token)
     if match is None:
         return "malformed"
     body, mac = token.rsplit(".", 1)

@@ -28,6 +28,7 @@ import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from bridge.phone.security import CALL_SID
 from bridge.records.backends import Query, StoreError, parse_cursor
 from bridge.records.record import search_text, summary
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.web")
 
-CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 _OUTCOME = re.compile(r"[a-z_]{1,32}")
 MAX_QUERY_CHARS = 200
 DEFAULT_LIMIT = 50

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import TYPE_CHECKING, Literal
 
 from quart import Response, request
@@ -20,7 +19,7 @@ from quart_trio import QuartTrio
 from bridge.call.amd import parse_answered_by
 from bridge.call.signals import AmdResult
 from bridge.phone import twiml
-from bridge.phone.security import mint_token
+from bridge.phone.security import CALL_SID, mint_token
 from bridge.phone.stream import STREAM_PREFIX
 from bridge.web.console import register_console
 
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.web")
 
-_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
 _MAX_FORM_BYTES = 64 * 1024  # Twilio's webhook bodies are ~1-2 KB
 _CLOSE = {"Connection": "close"}  # we did not read the body: the connection cannot be reused
 # Twilio's CallStatus values (reference twilio.md §3): the metric's labels; anything else is "other".
@@ -68,7 +66,7 @@ async def stream_twiml(app: BridgeApp, form: dict[str, str], direction: Literal[
     s = app.settings
     call_sid = form.get("CallSid", "")
     now = app.deps.wall_clock()
-    if not _CALL_SID.fullmatch(call_sid):  # match() + $ would accept a trailing newline
+    if not CALL_SID.fullmatch(call_sid):
         return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
     token = mint_token(s.stream_token_secret, call_sid, direction, now=now, ttl_s=s.stream_token_ttl_s)
     # The slot is held by the shared state, so the cap holds across WORKERS (bridge/fleet/).
@@ -158,7 +156,7 @@ def build_quart(app: BridgeApp) -> QuartTrio:
         if refusal:
             return refusal
         call_sid = form.get("CallSid", "")
-        if not _CALL_SID.fullmatch(call_sid):
+        if not CALL_SID.fullmatch(call_sid):
             app.metrics.webhooks.labels("/amd-status", "bad_request").inc()
             return Response("Missing or malformed CallSid\n", status=400, mimetype="text/plain")
         raw = form.get("AnsweredBy", "")[:40]
