@@ -1361,6 +1361,13 @@ class FakeAgent:
         await trio.lowlevel.checkpoint()
         return call_id
 
+    async def drop_connection(self, session_id: str) -> None:
+        """Reset the TCP stream of the session's live connection (no close frame, no
+        ``session.ended``): a network drop on demand. The session stays for ``grace_s``."""
+        conn = self._live(session_id)
+        conn._spawn(conn._drop_tcp)
+        await trio.lowlevel.checkpoint()
+
     async def end_from_server(self, session_id: str) -> None:
         """Send ``session.ended`` then close 1000; the session cannot be resumed."""
         self._live(session_id).end_from_server()
