@@ -1,12 +1,15 @@
-"""Micro-benchmark: what the shared state costs per call set-up, in process vs via the WORKERS parent.
+"""Micro-benchmark: what the shared state costs per call set-up: in process, via the WORKERS
+parent, and in Redis (REDIS_URL).
 
 A call set-up here is what the bridge asks the shared state for one call: ``reserve`` (the
 webhook), ``admit`` (the stream upgrade) and ``release`` (teardown) — three round trips with
-the parent. The parent side runs in its own process (``--serve-fd``, as ``bridge/workers.py``
-runs it), over a socketpair, so the figure includes the context switches of the real thing.
+the parent, or three Lua scripts in Redis. The parent side runs in its own process
+(``--serve-fd``, as ``bridge/workers.py`` runs it), over a socketpair; Redis is a throw-away
+local ``redis-server`` (no persistence) on loopback TCP, with a cluster cap, so both figures
+include the context switches of the real thing.
 Not a load test: one process asking, sequentially and with some set-ups in flight at once. Wall
 time per set-up depends on what else the machine runs; CPU per set-up (the asking process's and
-the parent's, from ``/proc``: Linux only) is what every set-up costs the machine.
+the parent's or redis-server's, from ``/proc``: Linux only) is what every set-up costs the machine.
 
     .venv/bin/python tools/bench_admission.py --runs 5 --calls 3000
 """
@@ -15,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +32,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge.fleet.parent import Authority, ParentState
+from bridge.fleet.redis_state import RedisState
 from bridge.fleet.shared import InProcessState, SharedState, Verdict
 
 
@@ -76,6 +83,8 @@ async def _measure(kind: str, calls: int, concurrency: int, runs: int) -> list[t
     """(wall, CPU) microseconds per set-up, one pair per run."""
     if kind == "in-process":
         return await _runs(InProcessState(max(concurrency, 1) * 2), calls, concurrency, runs, None)
+    if kind == "Redis":
+        return await _measure_redis(calls, concurrency, runs)
     ours, theirs = socket.socketpair()
     parent = await trio.lowlevel.open_process([sys.executable, __file__, "--serve-fd", str(theirs.fileno())],
                                               pass_fds=(theirs.fileno(),))
@@ -91,6 +100,38 @@ async def _measure(kind: str, calls: int, concurrency: int, runs: int) -> list[t
         parent.terminate()
         with trio.move_on_after(5):
             await parent.wait()
+
+
+async def _measure_redis(calls: int, concurrency: int, runs: int) -> list[tuple[float, float]]:
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as directory:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = await trio.lowlevel.open_process(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", directory],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.01)
+            state = RedisState.from_url(f"redis://127.0.0.1:{port}/0", max_calls=concurrency * 2,
+                                        cluster_max_calls=100_000, lease_s=15.0)  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                await nursery.start(state.run, lambda call_id, reason: None)
+                assert state.up, "redis-server did not answer"
+                results = await _runs(state, calls, concurrency, runs, server.pid)
+                nursery.cancel_scope.cancel()
+            return results
+        finally:
+            server.kill()
+            with trio.move_on_after(5):
+                await server.wait()
 
 
 def _serve(fd: int) -> None:
@@ -111,10 +152,10 @@ def main() -> int:
         _serve(args.serve_fd)
         return 0
     print(f"{args.calls} call set-ups (reserve + admit + release) per run, median of {args.runs} runs;"
-          " CPU is both processes' (the asking one and the parent)")
+          " CPU is both processes' (the asking one and the parent or redis-server)")
     print("| shared state | in flight | wall us per set-up (median) | min-max | set-ups/s | CPU us per set-up |")
     print("|---|---|---|---|---|---|")
-    for kind in ("in-process", "WORKERS parent"):
+    for kind in ("in-process", "WORKERS parent", "Redis"):
         for concurrency in (1, 8):
             figures = trio.run(_measure, kind, args.calls, concurrency, args.runs)
             walls = [wall for wall, _ in figures]
