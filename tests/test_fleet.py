@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import coredis
 import httpx
 import pytest
 import trio
@@ -357,3 +358,33 @@ async def test_make_fleet_starts_redis_two_instances_and_nginx_and_a_call_goes_t
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_workers_with_redis_url_make_redis_the_authority(tmp_path: Path) -> None:
+    """WORKERS=2 with REDIS_URL: each worker is an instance of the fleet (the parent steps aside),
+    so CLUSTER_MAX_CALLS from Redis caps the machine and a live call's slot is leased in Redis."""
+    async with redis_server(tmp_path / "redis") as server, fake_agent() as agent:
+        port = _free_port()
+        public = f"https://bridge-{port}.example.com"
+        env = bridge_env(port=port, public=public, agent_url=agent.url, WORKERS="2", REDIS_URL=server.url,
+                         CLUSTER_MAX_CALLS="1", RECORDS="off")  # fmt: skip
+        async with bridge_process(tmp_path, "bridge-workers", env) as bp, trio.open_nursery() as nursery:
+            phone = FakeTwilio(http_base=bp.base, public_base=public, auth_token=AUTH_TOKEN, account_sid=ACCOUNT_SID)
+            done, sid = trio.Event(), new_sid("CA")
+
+            async def call() -> None:
+                await phone.call(CallPlan(call_sid=sid, speed=1.0, hangup_after_s=30.0, max_call_s=60.0))
+                done.set()
+
+            nursery.start_soon(call)
+            with trio.fail_after(10):
+                await agent.wait_for_session(1)
+            for _ in range(4):  # whichever worker takes the webhook: the cluster (one call) is full
+                assert await _stream_url(phone) is None
+            async with coredis.Redis.from_url(server.url, decode_responses=True) as client:
+                with trio.fail_after(5):
+                    members = await client.zrange("vab:slots", 0, -1)
+            assert [m for m in members if m.startswith("c|")], members  # the call's leased slot
+            assert phone.request_hangup(sid)
+            with trio.fail_after(10):
+                await done.wait()
