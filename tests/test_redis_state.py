@@ -11,15 +11,19 @@ from pathlib import Path
 
 import anyio
 import coredis
+import httpx
 import pytest
 import sniffio
 import trio
 
 from bridge.fleet.redis_state import RedisState
 from bridge.fleet.shared import Admission, HangupRoute, Verdict
+from tests.harness import running_bridge
 from tests.redis import RedisServer, redis_server
+from tools.fake_twilio import CallPlan
 
 EXP = 4_000_000_000.0  # tokens' expiry far ahead: these tests run on the real clock
+CONSOLE_TOKEN = "console-token-0123456789abcdef"
 
 
 async def test_coredis_runs_under_trio_through_its_anyio_backend(tmp_path: Path) -> None:
@@ -177,3 +181,40 @@ async def test_a_password_in_the_url_and_a_wrong_one(tmp_path: Path, caplog: pyt
             assert not w.up  # started all the same, degraded
             assert (await _admit(w, "t2", "c2")).verdict is Verdict.ADMITTED
         assert "not-the-password" not in caplog.text and "s3cret-redis-pass" not in caplog.text
+
+
+async def test_garbage_in_an_inbox_is_logged_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with redis_server(tmp_path) as server, instances(server, 2) as (a, b):
+        async with coredis.Redis.from_url(server.url, decode_responses=True) as client:
+            await client.rpush("vab:inbox:i0", ["not json", '{"op": "explode"}', "[1, 2]", '{"op": "hangup"}'])
+            with trio.fail_after(5):
+                while await client.llen("vab:inbox:i0"):
+                    await trio.sleep(0.01)
+        assert (await _admit(b, "t1", "c1", "CA1")).verdict is Verdict.ADMITTED
+        assert await a.request_hangup("CA1") is HangupRoute.SENT  # a still reads its inbox
+        await _until(lambda: b.hung_up == ["CA1"])  # type: ignore[attr-defined]
+        assert a.up and a.ended == [] and a.hung_up == []  # type: ignore[attr-defined]
+        assert "ignored an unreadable message" in caplog.text and "unknown op" in caplog.text
+
+
+async def test_console_hang_up_and_calls_while_redis_is_down(tmp_path: Path) -> None:
+    """Through the real server with Redis down from the start: it starts degraded, takes calls
+    on its own guarantees, and the console cannot find a call that is not its own (503)."""
+    async with redis_server(tmp_path) as server:
+        await server.stop()
+        env = {"REDIS_URL": server.url, "CONSOLE_TOKEN": CONSOLE_TOKEN, "CLUSTER_MAX_CALLS": "5"}
+        async with running_bridge(env=env) as bridge, httpx.AsyncClient(base_url=bridge.http_base) as http:
+            assert not bridge.app.shared.up
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+            assert "bridge_shared_state_up 0.0" in (await http.get("/metrics")).text
+            bearer = {"Authorization": f"Bearer {CONSOLE_TOKEN}"}
+            hang_up = await http.post(f"/api/calls/CA{'7' * 32}/hangup", headers=bearer)
+            assert hang_up.status_code == 503 and "shared state" in hang_up.json()["error"]
+            result = await bridge.twilio.call(CallPlan(speed=10.0, hangup_after_s=1.0))
+            assert result.ended_by == "caller" and result.violations == [] and result.heard_bytes > 0
+            await server.start()
+            with trio.fail_after(5):
+                while not bridge.app.shared.up:
+                    await trio.sleep(0.02)
+            assert "bridge_shared_state_up 1.0" in (await http.get("/metrics")).text
