@@ -94,6 +94,23 @@ def test_records_round_trip_intact_hostile_text_and_big_results(url: str) -> Non
     backend.close()
 
 
+def test_nul_in_a_callsid_outcome_or_search_is_stored_and_searched_not_refused(url: str) -> None:
+    # PostgreSQL text cannot hold NUL: a column value with one would be refused and retried as
+    # if the database were down. The record's JSON keeps it (escaped); columns and search do not.
+    backend = bk.open_backend(url)
+    backend.migrate()
+    record = make_record(5, text="before\x00after", outcome="caller\x00hung_up")
+    record["call_sid"] = "CA\x00" + "5" * 30
+    backend.write(record)
+    items, _ = backend.list(bk.Query(text="before\x00after"))
+    assert [i["call_sid"] for i in items] == [record["call_sid"]]
+    assert backend.list(bk.Query(text=record["call_sid"]))[0][0]["call_sid"] == record["call_sid"]
+    assert backend.get("CA \x00") is None
+    assert backend.get("CA " + "5" * 30) == record  # the column holds the sid with NUL as a space
+    assert backend.list(bk.Query(outcome="caller hung_up"))[0][0]["outcome"] == "caller\x00hung_up"
+    backend.close()
+
+
 def test_ten_thousand_turns_are_stored_and_returned(url: str) -> None:
     backend = bk.open_backend(url)
     backend.migrate()

@@ -89,18 +89,26 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
         summary_json = orjson.dumps(summary(record)).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise ValueError(f"the record cannot be written as JSON: {exc}") from exc
+    outcome = record.get("outcome")
     return (
-        str(record["call_sid"]),
-        str(record["call_id"]),
+        _text(str(record["call_sid"])),
+        _text(str(record["call_id"])),
         started_epoch(record),
-        record.get("outcome"),
+        _text(str(outcome)) if outcome is not None else None,
         summary_json,
         search_text(record),
         encoded,
     )
 
 
+def _text(value: str) -> str:
+    # A column value (not the record's JSON, where NUL is escaped): PostgreSQL text cannot hold
+    # NUL, and a value it refuses would be retried as if the database were down.
+    return value.replace("\x00", " ")
+
+
 def _like(text: str) -> str:
+    text = _text(text)  # as search_text stores it
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
@@ -121,7 +129,7 @@ def _list_sql(query: Query, like: str) -> tuple[str, list[Any]]:
         params.append(query.until_s)
     if query.text:
         where.append(f"(transcript {like} ? ESCAPE '\\' OR call_sid = ?)")
-        params += [_like(query.text), query.text]
+        params += [_like(query.text), _text(query.text)]
     sql = "SELECT id, started_s, summary FROM call_records"
     if where:
         sql += " WHERE " + " AND ".join(where)
@@ -203,6 +211,8 @@ class SqliteBackend:
         return _page(rows, query.limit)
 
     def get(self, call_sid: str) -> dict[str, Any] | None:
+        if "\x00" in call_sid:
+            return None  # never stored (see _text)
         sql = "SELECT record FROM call_records WHERE call_sid = ? ORDER BY id DESC LIMIT 1"
         row = self._run(lambda conn: conn.execute(sql, (call_sid,)).fetchone())
         return orjson.loads(row[0]) if row else None
@@ -310,6 +320,8 @@ class PostgresBackend:
         return _page(rows, query.limit)
 
     def get(self, call_sid: str) -> dict[str, Any] | None:
+        if "\x00" in call_sid:
+            return None  # never stored (see _text)
         sql = "SELECT record FROM call_records WHERE call_sid = %s ORDER BY id DESC LIMIT 1"
         row = self._run(lambda conn: conn.execute(sql, (call_sid,)).fetchone())
         return orjson.loads(row[0]) if row else None

@@ -103,7 +103,8 @@ def _matches(record: dict[str, Any], query: Query) -> bool:
     if query.until_s is not None and started >= query.until_s:
         return False
     if query.text:
-        return query.text == record.get("call_sid") or query.text.casefold() in search_text(record).casefold()
+        text = query.text.replace("\x00", " ")  # as search_text (and the store) keep it
+        return query.text == record.get("call_sid") or text.casefold() in search_text(record).casefold()
     return True
 
 
