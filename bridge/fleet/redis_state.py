@@ -21,7 +21,9 @@ Cluster: the scripts touch keys they compute):
   instance's inbox goes away. The instance reads it with BLPOP.
 
 Redis is touched at admission, teardown and lease renewal only, never per frame. Every Redis
-call has a deadline (:data:`REDIS_DEADLINE_S`).
+call has a deadline (:data:`REDIS_DEADLINE_S`). Times in Redis are the instances' wall clocks
+(tokens expire on them too), so the instances' clocks must agree to well under ``LEASE_S`` (NTP
+does: milliseconds).
 
 Redis down or restarting: live calls are untouched. The first failure marks the state down
 (``up`` False: ``bridge_shared_state_up 0``, ``/readyz`` degraded) with one warning, and from
