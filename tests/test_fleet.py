@@ -85,11 +85,11 @@ async def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -
         instances: dict[str, BridgeProcess] = {}
 
         async def start(name: str) -> None:
+            records = {"RECORDS_URL": f"sqlite:///{tmp_path}/calls-{name}.sqlite3"}
             env = bridge_env(
                 port=ports[name], public=public, agent_url=agent.url,
                 REDIS_URL=server.url, LEASE_S=str(LEASE_S), CONSOLE_TOKEN=CONSOLE_TOKEN,
-                TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_API_BASE=rest_base,
-                RECORDS_URL=f"sqlite:///{tmp_path}/calls-{name}.sqlite3", **extra,
+                TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_API_BASE=rest_base, **(records | extra),
             )  # fmt: skip
             instances[name] = await stack.enter_async_context(bridge_process(tmp_path, f"bridge-{name}", env))
 
@@ -257,9 +257,10 @@ async def _calls_on(f: Fleet, n: int) -> bool:
 
 
 async def test_hang_up_and_duplicate_streams_across_instances_and_a_redis_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str
 ) -> None:
-    async with fleet(tmp_path, monkeypatch, CLUSTER_MAX_CALLS="10") as f:
+    """The instances also share one PostgreSQL for their call records (tests/pg.py)."""
+    async with fleet(tmp_path, monkeypatch, CLUSTER_MAX_CALLS="10", RECORDS_URL=pg_url) as f:
         a, b, c = (f.instances[n] for n in "ABC")
         async with trio.open_nursery() as nursery:
             # The console's End call on B, for a call that lives on A.
@@ -276,6 +277,14 @@ async def test_hang_up_and_duplicate_streams_across_instances_and_a_redis_restar
                 return (await _hang_up_from(b, x.sid)).status_code == 404
 
             await _until(gone, 5, "the hung-up call to leave the registry")
+
+            async def recorded() -> bool:  # A wrote the record; B reads it from the shared database
+                async with httpx.AsyncClient(timeout=5) as client:
+                    got = await client.get(f"{b.base}/api/calls/{x.sid}",
+                                           headers={"Authorization": f"Bearer {CONSOLE_TOKEN}"})  # fmt: skip
+                return got.status_code == 200 and got.json().get("call_sid") == x.sid
+
+            await _until(recorded, 10, "A's record of the call, read on B")
 
             # A newer stream for a CallSid (Twilio retried it on C) ends the older one on B.
             y_b = await _start_call(nursery, f, f.phone("B"))
