@@ -14,6 +14,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -30,6 +31,8 @@ from tools.fake_agent import FakeAgentConfig
 from tools.fake_twilio import CallPlan
 
 S = au.SILENCE
+TOKEN = "console-token-audio-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -270,7 +273,7 @@ async def finished_recording(bridge: Running) -> Recordings:
 async def test_a_real_call_leaves_a_stereo_wav_caller_left_agent_right_cut_at_the_barge_in() -> None:
     caller = tone(1.0)
     config = FakeAgentConfig(api_key=API_KEY, vad=False)
-    async with running_bridge(agent_config=config, env={"RECORD_AUDIO": "on"}) as bridge:
+    async with running_bridge(agent_config=config, env={"RECORD_AUDIO": "on", "CONSOLE_TOKEN": TOKEN}) as bridge:
 
         async def barge_in() -> None:
             session = await bridge.agent.wait_for_session(1)
@@ -287,10 +290,15 @@ async def test_a_real_call_leaves_a_stereo_wav_caller_left_agent_right_cut_at_th
         record = await stored_record(bridge, result.call_sid)
         recordings = await finished_recording(bridge)
         greeting = bridge.agent.greeting_audio
+        async with httpx.AsyncClient(base_url=bridge.http_base) as http:  # the console's route to it
+            served = await http.get(f"/console/calls/{result.call_sid}/recording", headers=AUTH)
+            refused = await http.get(f"/console/calls/{result.call_sid}/recording")
     assert result.clears, "the barge-in sent a clear"
     path = Path(record["recording"])
     assert await trio.Path(path).is_file() and path.suffix == ".wav"
     assert path.is_relative_to(recordings.directory) and result.call_sid in path.name
+    assert served.status_code == 200 and served.headers["content-type"] == "audio/wav"
+    assert served.content == await trio.Path(path).read_bytes() and refused.status_code == 401
     params, left, right = read_wav(path)
     assert (params.nchannels, params.sampwidth, params.framerate) == (2, 2, 8000)
     # The call lasted 5 s of call time (speed 2): the file is that long, to a frame or two.

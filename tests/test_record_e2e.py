@@ -1,9 +1,12 @@
 """Call records end to end through the real server (tests/harness.py): a simulated call leaves a
 record in SQLite and in a real PostgreSQL server, readable through the API while live and after;
-the database stopped mid-call costs the call nothing and its record lands once it is back."""
+the database stopped mid-call costs the call nothing and its record lands once it is back; a
+webhook receiver that is down is retried, then given up with one warning."""
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Any
 
 import httpx
@@ -11,6 +14,7 @@ import pytest
 import trio
 
 from bridge.agent import events as ag
+from bridge.records import webhook as webhook_module
 from tests.harness import API_KEY, Running, running_bridge
 from tests.pg import PostgresServer
 from tools.fake_agent import FakeAgentConfig
@@ -173,3 +177,35 @@ async def test_the_database_stopped_mid_call_costs_the_call_nothing_and_the_reco
         record = await stored_record(bridge, result.call_sid, timeout_s=60)
         check_record(record, result.call_sid)
         assert store.pending == 0
+
+
+async def test_webhook_receiver_down_is_retried_then_given_up_with_one_warning_the_calls_untouched(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_module, "RETRY_MIN_S", 0.1)
+    with socket.socket() as s:  # a port nobody listens on: every POST is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RECORD_WEBHOOK_URL": f"http://127.0.0.1:{port}/records", "RECORD_WEBHOOK_SECRET": "s" * 32}
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env=env) as bridge:
+        runtime = bridge.app.records_runtime
+        assert runtime is not None and runtime.webhook is not None
+        runtime.webhook.give_up_s = 1.5  # the default is 10 minutes
+        results = []
+        for _ in range(2):
+            with trio.fail_after(60):
+                results.append(await bridge.twilio.call(CallPlan(speed=2.0, hangup_after_s=2.0)))
+        with trio.fail_after(30):
+            while runtime.webhook.given_up < 2:
+                await trio.sleep(0.05)
+        stored = [await stored_record(bridge, r.call_sid) for r in results]
+        metrics = bridge.app.metrics.render().decode()
+    assert all(r.ended_by == "caller" and r.violations == [] and r.heard_bytes > 0 for r in results)
+    assert [s["call_sid"] for s in stored] == [r.call_sid for r in results]  # the store has both
+    assert runtime.webhook.delivered == 0
+    retried = float(metrics.split('bridge_record_webhooks_total{result="retried"} ', 1)[1].split()[0])
+    assert retried >= 3  # the first record alone: after 0.1, 0.2 and 0.4 s, well inside its 1.5 s
+    assert 'bridge_record_webhooks_total{result="given_up"} 2.0' in metrics
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.records" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "gave up" in warnings[0] and results[0].call_sid in warnings[0]
