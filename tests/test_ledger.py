@@ -176,3 +176,34 @@ def test_memory_is_bounded_by_what_can_still_verify() -> None:
 def test_max_calls_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Ledger(0)
+
+
+# (name, max_calls, setup steps, token asked about, pending, expected would_admit, expected has_room)
+WOULD_ADMIT = [
+    ("empty", 2, [], "t", 0, ADMITTED, True),
+    ("spent token", 2, [("admit", A, "t", "c1")], "t", 0, REPLAYED, True),
+    ("full of calls", 1, [("admit", A, "t1", "c1")], "t", 0, FULL, False),
+    ("full of pending admissions elsewhere", 2, [("admit", A, "t1", "c1")], "t", 1, FULL, False),
+    ("full, but the token holds a reservation", 1, [("reserve", B, "t")], "t", 0, ADMITTED, False),
+    ("full of another's reservation", 1, [("reserve", B, "r")], "t", 0, FULL, False),
+    ("spent wins over full", 1, [("admit", A, "t", "c1")], "t", 3, REPLAYED, False),
+]
+
+
+@pytest.mark.parametrize(("name", "max_calls", "steps", "token", "pending", "verdict", "room"), WOULD_ADMIT,
+                         ids=[row[0] for row in WOULD_ADMIT])  # fmt: skip
+def test_would_admit_and_has_room_answer_without_changing_anything(
+    name: str, max_calls: int, steps: list[Step], token: str, pending: int, verdict: Verdict, room: bool
+) -> None:
+    ledger = Ledger(max_calls)
+    for op, holder, *args in steps:
+        if op == "admit":
+            _admit(ledger, holder, args[0], args[1])
+        else:
+            ledger.reserve(holder, args[0], expires_at=60.0, now=1.0)
+    before = (ledger.live_calls, ledger.reservations(1.0), ledger.redeemed(token, 1.0))
+    assert ledger.would_admit(token, 1.0, pending=pending) is verdict
+    assert ledger.has_room(1.0, pending=pending) is room
+    assert (ledger.live_calls, ledger.reservations(1.0), ledger.redeemed(token, 1.0)) == before
+    if pending == 0:  # what admit then really says
+        assert _admit(ledger, A, token, "probe").verdict is verdict
