@@ -157,9 +157,13 @@ class FakeAgentConfig:
     vad_onset_ms: float = 100.0
     vad_hangover_ms: float = 500.0  # overridden by turn_detection.min_silence
     vad_transcript: str = DEFAULT_CALLER_TEXT  # what the fake "hears" in a VAD-detected turn
+    turn_transcripts: dict[int, str] = field(default_factory=dict)  # user turn N (1-based): instead of that
     tool_on_turn: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     tool_timeout_s: float = 120.0  # overridden by a tool's timeout_seconds
     tool_preamble_s: float = 0.0  # time between tool.call and the pre-amble's reply.done
+    # Tool name -> (pre-amble clip, answer clip) in tools/audio: the reply carrying the tool.call
+    # speaks the first (e.g. asking for digits), the answer after its result the second.
+    tool_clips: dict[str, tuple[str, str]] = field(default_factory=dict)
     # reply.create{instructions}: the first key found in the instructions (in insertion order)
     # picks the reply's clip, tools/audio/<value>.ulaw, and its words (words.json) as the text.
     # No match: the text is the instructions themselves, over the reply clip.
@@ -1006,7 +1010,8 @@ class _Connection:
         if edge is VadEvent.SPEECH_STARTED:
             self.speech_started()
         elif edge is VadEvent.SPEECH_STOPPED:
-            self.finish_user_turn(self.cfg.vad_transcript, None)
+            turn = self._session().user_turns + 1
+            self.finish_user_turn(self.cfg.turn_transcripts.get(turn, self.cfg.vad_transcript), None)
 
     def _on_session_update(self, event: dict[str, Any]) -> None:
         payload = event.get("session")
@@ -1137,6 +1142,10 @@ class _Connection:
                 timeout_s = float(tool["timeout_seconds"])
         pending = _PendingCall(name, arguments, timeout_s, answer_audio)
         self._session().pending_calls[call_id] = pending
+        if name in self.cfg.tool_clips:
+            clip = self.cfg.tool_clips[name][0]
+            self._queue(_ReplyJob(self.agent.clip_text(clip), self.agent.clip(clip), call=(call_id, name, arguments)))
+            return
         self._queue(_ReplyJob("", None, show_transcript=False, call=(call_id, name, arguments)))
 
     def _emit_tool_call(self, call_id: str, name: str, arguments: dict[str, Any]) -> None:
@@ -1163,6 +1172,9 @@ class _Connection:
         # The answer agrees with the result, as the live model's would (issue 12 #4).
         assert pending.result is not None
         text, clip = tool_answer(pending.result)
+        if pending.name in self.cfg.tool_clips:
+            clip = self.cfg.tool_clips[pending.name][1]
+            text = self.agent.clip_text(clip)
         self._queue(_ReplyJob(text, self.agent.clip(clip)))
 
     def end_from_server(self) -> None:
@@ -1388,6 +1400,26 @@ def _parse_tool_on_turn(specs: list[str]) -> dict[int, tuple[str, dict[str, Any]
     return out
 
 
+def _parse_turn_transcripts(specs: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for spec in specs:
+        turn, sep, text = spec.partition(":")
+        if not sep or not turn.isdigit() or not text:
+            raise argparse.ArgumentTypeError(f"expected N:TEXT, got {spec!r}")
+        out[int(turn)] = text
+    return out
+
+
+def _parse_tool_clips(specs: list[str]) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(parts) or not all((AUDIO_DIR / f"{p}.ulaw").is_file() for p in parts[1:]):
+            raise argparse.ArgumentTypeError(f"expected NAME:ASK:ANSWER with clips in tools/audio, got {spec!r}")
+        out[parts[0]] = (parts[1], parts[2])
+    return out
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.fake_agent", description="Fake AssemblyAI Voice Agent API server."
@@ -1401,6 +1433,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--voices", default=None, help="comma-separated allow-list")
     parser.add_argument("--grace-s", type=float, default=30.0)
     parser.add_argument("--tool-on-turn", action="append", default=[], metavar="N:NAME:JSON")
+    parser.add_argument("--turn-transcript", action="append", default=[], metavar="N:TEXT",
+                        help="what the fake hears in user turn N (default: the demo caller's question)")
+    parser.add_argument("--tool-clips", action="append", default=[], metavar="NAME:ASK:ANSWER",
+                        help="tools/audio clips the tool's pre-amble and its answer speak")
     parser.add_argument("--refuse-resume", action="store_true", help="every session.resume: session_not_found")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -1417,6 +1453,8 @@ def config_from_args(args: argparse.Namespace) -> FakeAgentConfig:
         echo_barge_in_every_n=args.echo_barge_in_every,
         grace_s=args.grace_s,
         tool_on_turn=_parse_tool_on_turn(args.tool_on_turn),
+        turn_transcripts=_parse_turn_transcripts(args.turn_transcript),
+        tool_clips=_parse_tool_clips(args.tool_clips),
         faults=FaultPlan(refuse_resume=args.refuse_resume),
         record_audio=False,  # nobody reads the recordings of a CLI server; keep memory flat
     )

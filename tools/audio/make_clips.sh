@@ -33,6 +33,10 @@ for i in "${!numbers[@]}"; do
   make_clip "number_$((i + 1))" en-us "Sure. Your random number is ${numbers[$i]}."
 done
 make_clip found    en-us   "Here is what I found."
+# make demo's keypad entry: the agent asks for an order number (collect_digits), then answers.
+make_clip order_ask   en-us "Sure. Please type your four digit order number."
+make_clip order_found en-us "Thanks. That order ships on Monday."
 # A different voice for the caller, so demo recordings tell the two sides apart.
 make_clip caller   en-us+m3 "Hi, can you pick a random number between one and ten?"
+make_clip caller_order en-us+m3 "Can you also check my order?"
 python3 "$here/clip_words.py" --merge "$tmp/words.jsonl" >"$here/words.json"
