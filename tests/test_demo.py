@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "tools" / "audio"
 
 
-def test_demo_writes_a_wav_with_the_greeting_and_the_reply(tmp_path: Path) -> None:
+def test_demo_writes_a_wav_with_the_greeting_the_replies_and_a_keypad_entry(tmp_path: Path) -> None:
     out = tmp_path / "demo-call.wav"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.demo", "--speed", "4", "--out", str(out), "--logs", str(tmp_path / "logs")],
@@ -37,7 +37,14 @@ def test_demo_writes_a_wav_with_the_greeting_and_the_reply(tmp_path: Path) -> No
     # What the agent says agrees with that result (issue 12 #4: it used to say "seven" always).
     said = re.findall(r"\] agent: (.*)$", proc.stdout, re.M)
     answer = f"Sure. Your random number is {NUMBER_WORDS[number - 1]}."
-    assert said == ["Hi, thanks for calling. How can I help?", answer]
+    ask, found = "Sure. Please type your four digit order number.", "Thanks. That order ships on Monday."
+    assert said == ["Hi, thanks for calling. How can I help?", answer, ask, found]
+    # The keypad entry: the agent's collect_digits (the bridge's built-in tool) got the keys the
+    # caller pressed after it asked for them.
+    assert "] caller: Can you also check my order?" in proc.stdout
+    assert re.search(r"\] tool call collect_digits \{.*\}$", proc.stdout, re.M)
+    assert [f"caller pressed '{d}'" in proc.stdout for d in "1234"] == [True] * 4
+    assert re.search(r'\] collect_digits result \{"digits": "1234"\}$', proc.stdout, re.M)
     with wave.open(str(out)) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (8000, 1, 2)
         heard = wav.readframes(wav.getnframes())
@@ -46,6 +53,8 @@ def test_demo_writes_a_wav_with_the_greeting_and_the_reply(tmp_path: Path) -> No
     answers = {n: mulaw.decode((AUDIO / f"number_{n}.ulaw").read_bytes()) for n in range(1, 11)}
     # The caller heard the whole clip for the returned number, and no other number's clip.
     assert [n for n, clip in answers.items() if clip in heard] == [number]
+    for clip in ("order_ask", "order_found"):
+        assert mulaw.decode((AUDIO / f"{clip}.ulaw").read_bytes()) in heard, clip
 
     # The record, as GET /api/calls/{CallSid} gave it (the console token printed at the start).
     assert re.search(r"^demo: the console: http://127\.0\.0\.1:\d+/console  \(sign in with the token demo-\S+\)$",
@@ -57,6 +66,11 @@ def test_demo_writes_a_wav_with_the_greeting_and_the_reply(tmp_path: Path) -> No
     assert re.search(r"^  caller: Hi, can you pick a random number between one and ten\?$", record, re.M)
     assert re.search(rf"^  agent \(response \d+ ms\): {re.escape(answer)}$", record, re.M)
     assert re.search(rf'^  tool generate_random_number ok in \d+ ms: \{{"result":{number},', record, re.M)
+    assert re.search(r"^  caller: Can you also check my order\?$", record, re.M)
+    assert re.search(rf"^  agent \(response \d+ ms\): {re.escape(ask)}$", record, re.M)
+    assert re.search(rf"^  agent \(.*\): {re.escape(found)}$", record, re.M)
+    assert re.search(r'^  tool collect_digits ok in \d+ ms: \{"digits": "1234"\}$', record, re.M)
+    assert re.search(r"^  keys: 1 2 3 4$", record, re.M)
     # Said vs heard: nothing was cut, so the caller heard what the agent said, as much as the
     # fake Twilio played (the last mark of each reply is at its end).
     said_s, heard_s = map(float, re.findall(r"^  agent audio said ([\d.]+) s, heard ([\d.]+) s$", record, re.M)[0])
@@ -92,7 +106,9 @@ async def test_demo_keep_leaves_the_console_up_with_the_call_until_ctrl_c(tmp_pa
             assert page.status_code == 200 and 'data-page="call"' in page.text
             record = (await http.get(f"/api/calls/{call_sid}")).json()
             assert record["live"] is False and record["outcome"] == "caller_hung_up"
-            assert [t["speaker"] for t in record["turns"] if t["text"]] == ["agent", "caller", "agent"]
+            spoken = [t["speaker"] for t in record["turns"] if t["text"]]
+            assert spoken == ["agent", "caller", "agent", "caller", "agent", "agent"]
+            assert [d["digit"] for d in record["dtmf"]] == list("1234")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: the demo stops its servers in order
         with trio.fail_after(30):
             while chunk := await proc.stdout.receive_some(4096):

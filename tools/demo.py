@@ -34,7 +34,14 @@ from tools.simulate_call import format_report
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = ROOT / "tools" / "audio"
 DEMO_TOKEN = "demo0000000000000000000000000000"  # a stand-in Twilio auth token: signatures are checked
-PAUSE_BEFORE_QUESTION_S = 4.5  # let the greeting play before the caller speaks
+# The caller's script, in call seconds (the fake agent's replies take fixed times: its clips, its
+# 0.2 s of leading silence and its VAD's 0.5 s end of turn; each step leaves ~1 s to spare).
+QUESTION_AT_S = 4.5  # after the greeting (0.2-3.6 s)
+ORDER_AT_S = 12.8  # after the answer (~8.9-11.8 s)
+ORDER_QUESTION = "Can you also check my order?"  # tools/audio/caller_order.ulaw (1.9 s)
+ORDER_DIGITS = "1234"
+DIGITS_AT_S = 20.0  # after the agent asked for them (~15.3-19.0 s); one key every 0.5 s
+HANG_UP_AT_S = 26.5  # after the answer to the digits (~21.6-24.7 s)
 RECORD_WAIT_S = 15.0  # the record is written by the bridge's writer task within milliseconds of the end
 
 
@@ -85,6 +92,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> int | None:
             proc.kill()
             return proc.wait()
     return proc.returncode
+
+
+def caller_audio() -> bytes:
+    """What the caller says, as μ-law from call time 0: the question, then the order question."""
+    question = (AUDIO / "caller.ulaw").read_bytes()
+    order = (AUDIO / "caller_order.ulaw").read_bytes()
+    silence = bytes([0xFF])  # μ-law silence
+    audio = silence * int(QUESTION_AT_S * 8000) + question
+    return audio + silence * (int(ORDER_AT_S * 8000) - len(audio)) + order
 
 
 def _fetch_record(base: str, token: str, call_sid: str) -> dict[str, Any] | None:
@@ -148,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     agent_log = log_dir / "fake-agent.log"
     agent = _start(
         [python, "-m", "tools.fake_agent", "--port", str(agent_port), "--speed", str(args.speed),
-         "--tool-on-turn", '1:generate_random_number:{"min":1,"max":10}'],
+         "--tool-on-turn", '1:generate_random_number:{"min":1,"max":10}',
+         # The second turn: the agent asks for the order number and collects it from the keypad
+         # (the bridge's built-in collect_digits tool), then answers.
+         "--turn-transcript", f"2:{ORDER_QUESTION}",
+         "--tool-on-turn", '2:collect_digits:{"max_digits":4,"timeout_s":10}',
+         "--tool-clips", "collect_digits:order_ask:order_found"],
         base_env, agent_log,
     )
     bridge_log = log_dir / "bridge.log"
@@ -175,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: the console: {base}/console  (sign in with the token {token})")
         print("demo: calling the bridge as Twilio would (signed webhook, signed Media Stream)...\n")
 
-        silence = bytes([0xFF]) * int(PAUSE_BEFORE_QUESTION_S * 8000)
-        question = (AUDIO / "caller.ulaw").read_bytes()
-        plan = CallPlan(caller_audio=silence + question, speed=args.speed, hangup_after_s=16.0)
+        plan = CallPlan(
+            caller_audio=caller_audio(), speed=args.speed, hangup_after_s=HANG_UP_AT_S,
+            dtmf=[(DIGITS_AT_S + 0.5 * i, digit) for i, digit in enumerate(ORDER_DIGITS)],
+        )
         twilio = FakeTwilio(http_base=base, public_base=base, auth_token=DEMO_TOKEN)
 
         async def run_call() -> CallResult:
