@@ -75,7 +75,7 @@ def mentions(event: dict[str, Any], call_sid: str) -> bool:
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 async def test_console_demo_serves_its_calls_with_the_printed_token_and_stops_cleanly(how: signal.Signals) -> None:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tools.console_demo", "--speed", "2", "--every", "60", "--call-seconds", "60"],
+        [sys.executable, "-m", "tools.console_demo", "--speed", "4", "--every", "60", "--call-seconds", "60"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     assert proc.stdout is not None
@@ -115,7 +115,18 @@ async def test_console_demo_serves_its_calls_with_the_printed_token_and_stops_cl
                         await trio.sleep(0.1)
                 record = got.json()
                 assert record["ended_at"] and record["turns"]
-            # else: SIGTERM while the call is still live; the drain ends it.
+            else:
+                # The keypad entry reaches the console live; then SIGTERM while the call goes on.
+                with trio.fail_after(20):
+                    while not (record := (await http.get(f"/api/calls/{call_sid}")).json()).get("dtmf"):
+                        await trio.sleep(0.1)
+                    while len(record["dtmf"]) < 4 or not any(t["result"] for t in record["tools"][1:]):
+                        await trio.sleep(0.1)
+                        record = (await http.get(f"/api/calls/{call_sid}")).json()
+                assert record["live"] is True
+                assert [d["digit"] for d in record["dtmf"]] == list("1234")
+                assert [t["name"] for t in record["tools"]] == ["generate_random_number", "collect_digits"]
+                assert record["tools"][1]["result"] == '{"digits": "1234"}'
 
         proc.send_signal(how)
         with trio.fail_after(STOP_S):

@@ -3,9 +3,11 @@
 Starts, in one process on loopback: the fake Voice Agent, a fake Twilio REST API (so the
 console's End call works), and the real bridge with ``CONSOLE_TOKEN`` set and call records in a
 temporary SQLite file. Prints the console's URL and the token, then places a simulated call
-right away and another every ``--every`` seconds: the caller waits for the greeting, asks a
-recorded question (the agent runs a tool to answer), and hangs up after ``--call-seconds``
-unless you end the call from the console first. ``make console-demo`` runs it.
+right away and another every ``--every`` seconds. Each is ``make demo``'s call: the caller waits
+for the greeting, asks a recorded question (the agent runs a tool to answer), asks about an
+order and types its number on the keypad when the agent asks (collect_digits), and hangs up
+after ``--call-seconds`` unless you end the call from the console first. ``make console-demo``
+runs it.
 
 Ctrl-C (or SIGTERM) drains the bridge and stops everything.
 """
@@ -26,16 +28,14 @@ from bridge.config import from_env
 from bridge.phone.rest import TrioHttpClient, TwilioRest
 from bridge.server import serve
 from bridge.web import create_app, default_collaborators
+from tools.demo import DIGITS_AT_S, ORDER_DIGITS, ORDER_QUESTION, caller_audio
 from tools.fake_agent import FakeAgent, FakeAgentConfig
 from tools.fake_twilio import CallPlan, FakeTwilio, new_sid
 from tools.fake_twilio_rest import CallRecord, FakeTwilioRest
 
-ROOT = Path(__file__).resolve().parent.parent
-AUDIO = ROOT / "tools" / "audio"
 DEMO_AUTH_TOKEN = "demo0000000000000000000000000000"  # a stand-in Twilio auth token: signatures are checked
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
 API_KEY = "demo-key-not-a-real-key"
-PAUSE_BEFORE_QUESTION_S = 4.5  # let the greeting play before the caller speaks
 
 
 def _free_port() -> int:
@@ -51,7 +51,12 @@ async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
         FakeAgentConfig(
             api_key=API_KEY,
             speed=args.speed,
-            tool_on_turn={1: ("generate_random_number", {"min": 1, "max": 10})},
+            tool_on_turn={
+                1: ("generate_random_number", {"min": 1, "max": 10}),
+                2: ("collect_digits", {"max_digits": 4, "timeout_s": 10}),
+            },
+            turn_transcripts={2: ORDER_QUESTION},
+            tool_clips={"collect_digits": ("order_ask", "order_found")},
         )
     )
     rest = FakeTwilioRest(DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN)
@@ -105,8 +110,8 @@ async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
             "End call in the console hangs one up. Ctrl-C stops.",
             flush=True,
         )
-        question = (AUDIO / "caller.ulaw").read_bytes()
-        silence = bytes([0xFF]) * int(PAUSE_BEFORE_QUESTION_S * 8000)
+        said = caller_audio()
+        keys = [(DIGITS_AT_S + 0.5 * i, digit) for i, digit in enumerate(ORDER_DIGITS)]
         placed = 0
 
         async def place_calls() -> None:
@@ -117,7 +122,8 @@ async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
                     rest.add_live_call(call_sid, to="+14155550100", from_="+14155550123")
                     plan = CallPlan(
                         call_sid=call_sid,
-                        caller_audio=silence + question,
+                        caller_audio=said,
+                        dtmf=[(at, digit) for at, digit in keys if at < args.call_seconds],
                         speed=args.speed,
                         hangup_after_s=args.call_seconds,
                         max_call_s=args.call_seconds + 30,
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=None, help="console token (default: a random one)")
     parser.add_argument("--speed", type=float, default=1.0, help="time scale of the calls (1 = real time)")
     parser.add_argument("--every", type=float, default=60.0, help="seconds between simulated calls")
-    parser.add_argument("--call-seconds", type=float, default=45.0, help="when the caller hangs up")
+    parser.add_argument("--call-seconds", type=float, default=30.0, help="when the caller hangs up "
+                        "(the script takes ~26 s)")
     parser.add_argument("--calls", type=int, default=0, help="stop placing calls after this many (0: never)")
     parser.add_argument("--exit-when-done", action="store_true", help="stop once the last call has ended")
     args = parser.parse_args(argv)
