@@ -480,6 +480,8 @@ def _records(r: EnvReader, warnings: list[str]) -> tuple[str, tuple[str, ...], s
         )
     if webhook_url and not webhook_secret:
         warnings.append("RECORD_WEBHOOK_URL is set without RECORD_WEBHOOK_SECRET: the records it gets are not signed.")
+    if r.boolean("RECORD_AUDIO", False) and not r.boolean("RECORDS", True):
+        warnings.append("RECORD_AUDIO=on does nothing with RECORDS=off: no call is recorded (set RECORDS=on).")
     return records_url, record_redact, webhook_url, webhook_secret
 
 

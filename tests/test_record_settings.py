@@ -40,6 +40,13 @@ def test_a_webhook_without_secret_warns() -> None:
     assert any("RECORD_WEBHOOK_SECRET" in w for w in settings(RECORD_WEBHOOK_URL="https://h.example/r").warnings)
 
 
+def test_record_audio_with_records_off_warns_and_recordings_dir_is_read() -> None:
+    assert any("RECORD_AUDIO=on does nothing" in w for w in settings(RECORD_AUDIO="on", RECORDS="off").warnings)
+    assert not any("RECORD_AUDIO" in w for w in settings(RECORD_AUDIO="on").warnings)
+    assert settings().recordings_dir is None
+    assert settings(RECORDINGS_DIR=" /srv/calls ").recordings_dir == "/srv/calls"
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
