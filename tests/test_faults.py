@@ -192,9 +192,11 @@ CASES: list[Case] = [
          FaultPlan(session_cap_s=0.5), plan={"hangup_after_s": 60.0}, fallback=True, connections=1),
     Case("agent ends the session", "upstream_failed", "the Voice Agent ended the session",
          plan={"hangup_after_s": 60.0}, script=end_from_server, fallback=True, connections=1),
+    # Every session drops 0.3 s after ready and no resume is allowed: each refusal opens a fresh
+    # session (issue 15 recovery), at most MAX_RECOVERIES (3) times; the next refusal ends the call.
     Case("drop, then resume refused (grace over)", "upstream_failed", "session_not_found",
          FaultPlan(drop_tcp_after_s=0.3), agent={"grace_s": 0.0}, plan={"hangup_after_s": 60.0},
-         fallback=True, connections=2),
+         fallback=True, connections=2 + 2 * 3),
     Case("agent stalls reads for 2 s", "caller_hung_up", "caller hung up (stop)",
          FaultPlan(stop_reading=True, stop_reading_s=2.0), connections=1),
     # The stalled connection is cut after the send deadline and the session resumed on a new
