@@ -122,13 +122,13 @@ class Metrics:
         r = self.registry
         self.active_calls = Gauge("bridge_active_calls", "Calls streaming right now", registry=r)
         self.calls = Counter("bridge_calls", "Finished calls by outcome", ["outcome"], registry=r)
-        self.upstream_connects = Counter(
+        self.agent_connects = Counter(
             "bridge_agent_connects", "Voice Agent connect attempts by result", ["result"], registry=r
         )
-        self.upstream_resumes = Counter(
+        self.agent_resumes = Counter(
             "bridge_agent_resumes", "Session resume attempts by result", ["result"], registry=r
         )
-        self.upstream_errors = Counter("bridge_agent_errors", "session.error events by code", ["code"], registry=r)
+        self.agent_errors = Counter("bridge_agent_errors", "session.error events by code", ["code"], registry=r)
         self.barge_ins = Counter("bridge_barge_ins", "Caller barge-ins (playback cleared)", registry=r)
         self.tool_calls = Counter(
             "bridge_tool_calls", "Tool calls by name and outcome", ["tool", "outcome"], registry=r

@@ -340,7 +340,7 @@ def test_error_frames_with_odd_fields_are_bounded(msg: dict[str, Any], expected:
 def test_tool_call_arguments(fields: dict[str, Any], arguments: dict[str, Any] | None, error: str | None) -> None:
     result = parse(dumps({"type": "tool.call", "call_id": "chatcmpl-tool-1", "name": "lookup", **fields}))
     assert isinstance(result, ToolCall)
-    assert (result.call_id, result.name) == ("chatcmpl-tool-1", "lookup")
+    assert (result.tool_call_id, result.name) == ("chatcmpl-tool-1", "lookup")
     assert result.arguments == arguments
     assert result.arguments_error == error
 
@@ -353,7 +353,7 @@ def test_tool_call_without_call_id_is_invalid() -> None:
 def test_tool_call_without_name_still_answers_its_call_id() -> None:
     result = parse(dumps({"type": "tool.call", "call_id": "c1", "arguments": {}}))
     assert isinstance(result, ToolCall)
-    assert result.call_id == "c1" and result.arguments is None and result.arguments_error
+    assert result.tool_call_id == "c1" and result.arguments is None and result.arguments_error
 
 
 # --- malformed frames ----------------------------------------------------------------------------

@@ -152,7 +152,7 @@ class ReplyDone:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    call_id: str
+    tool_call_id: str  # the wire's ``call_id``: the agent's id for this tool call, not our call's
     name: str
     arguments: dict[str, Any] | None = field(hash=False)
     arguments_error: str | None = None  # why ``arguments`` could not be read, if it could not

@@ -107,9 +107,9 @@ class AgentLeg:
                     sock = self.sock = await self._connect(nursery)
                     host.fact(facts.UpstreamOpened(self._clock()))  # billing runs from here
                     if metrics:
-                        metrics.upstream_connects.labels("ok").inc()
+                        metrics.agent_connects.labels("ok").inc()
                         if resumed:
-                            metrics.upstream_resumes.labels("attempted").inc()
+                            metrics.agent_resumes.labels("attempted").inc()
                     await sock.send(first)
                     nursery.start_soon(self._keepalive, sock)
                     retry_reason = await host.serve(nursery, sock, resumed=resumed)
@@ -131,7 +131,7 @@ class AgentLeg:
                 return
             if errors:
                 if metrics:
-                    metrics.upstream_connects.labels("failed").inc()
+                    metrics.agent_connects.labels("failed").inc()
                 detail = "; ".join(error.message for error in errors)
                 if not upstream.retry_connect(errors):
                     host.connect_failed(detail)

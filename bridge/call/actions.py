@@ -52,14 +52,14 @@ class ConnectAgent:
 
 @dataclass(frozen=True, slots=True)
 class RunTool:
-    call_id: str
+    tool_call_id: str  # the agent's id for this tool call (ours is the call's call_id)
     name: str
     arguments: dict[str, Any] = field(hash=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Transfer:
-    call_id: str
+    tool_call_id: str
     number: str
 
 

@@ -262,16 +262,17 @@ class Conversation:
     # --- helpers --------------------------------------------------------------------------
 
     def _collect(self, event: ag.ToolCall, now: float) -> list[Out]:
-        out: list[Out] = [Record(fx.ToolStarted(event.call_id, event.name, dict(event.arguments or {}), now))]
+        tool_call_id = event.tool_call_id
+        out: list[Out] = [Record(fx.ToolStarted(tool_call_id, event.name, dict(event.arguments or {}), now))]
         if self.idle:
             self.idle.tool_started(now)
         if self.ending == "amd":
-            results = self.keypad.refuse(event.call_id, "the call is ending: no keypad input now")
+            results = self.keypad.refuse(tool_call_id, "the call is ending: no keypad input now")
         elif event.arguments is None:
             why = (event.arguments_error or "not a JSON object")[:200]
-            results = self.keypad.refuse(event.call_id, f"the arguments could not be read ({why}): send max_digits")
+            results = self.keypad.refuse(tool_call_id, f"the arguments could not be read ({why}): send max_digits")
         else:
-            results = self.keypad.start(event.call_id, event.arguments, now)
+            results = self.keypad.start(tool_call_id, event.arguments, now)
         if results and self.idle:  # answered at once: no collection runs
             self.idle.tool_finished(now)
         return out + self._keypad(results, now)

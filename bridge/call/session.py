@@ -381,7 +381,7 @@ class CallSession:
                 continue
             if isinstance(event, ag.SessionError):
                 if metrics:
-                    metrics.upstream_errors.labels(_metric_code(event.code)).inc()
+                    metrics.agent_errors.labels(_metric_code(event.code)).inc()
                 if state.connect_refused_for_now(event):
                     return f"session.error {event.code}: {event.message}"
                 apply(state.on_agent(event, clock()))
@@ -394,7 +394,7 @@ class CallSession:
                 if self._resume_pending:
                     self._resume_pending = False
                     if metrics:
-                        metrics.upstream_resumes.labels("ok").inc()
+                        metrics.agent_resumes.labels("ok").inc()
             elif kind is ag.SpeechStopped:
                 self._speech_stopped_at = clock()
             apply(state.on_agent(event, clock()))
@@ -490,7 +490,7 @@ class CallSession:
             name = action.name if tools is not None and tools.get(action.name) is not None else "unknown"
             self.setup.metrics.tool_calls.labels(name, "error" if is_error else "ok").inc()
         log.info("tool %s %s: %s", action.name, "failed" if is_error else "returned", result[:200])
-        self._apply(self.state.on_tool_done(action.call_id, result, is_error, self._clock()))
+        self._apply(self.state.on_tool_done(action.tool_call_id, result, is_error, self._clock()))
 
     async def _hang_up(self, action: st.HangUp) -> None:
         control, call_sid = self.setup.control, self.state.call_sid
@@ -508,7 +508,8 @@ class CallSession:
     async def _transfer(self, action: st.Transfer) -> None:
         control, call_sid = self.setup.control, self.state.call_sid
         if control is None or not call_sid:
-            self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.UNAVAILABLE, self._clock()))
+            unavailable = st.TransferOutcome.UNAVAILABLE
+            self._apply(self.state.on_transfer_result(action.tool_call_id, unavailable, self._clock()))
             return
         self.state.on_transfer_started()  # before the request: Twilio's stop may beat its answer
         try:
@@ -518,10 +519,10 @@ class CallSession:
                 )
         except (BridgeError, trio.TooSlowError) as exc:
             log.warning("transfer to %s failed: %s", action.number, exc)
-            self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.FAILED, self._clock()))
+            self._apply(self.state.on_transfer_result(action.tool_call_id, st.TransferOutcome.FAILED, self._clock()))
             return
         log.info("transferring the call to %s", action.number)
-        self._apply(self.state.on_transfer_result(action.call_id, st.TransferOutcome.STARTED, self._clock()))
+        self._apply(self.state.on_transfer_result(action.tool_call_id, st.TransferOutcome.STARTED, self._clock()))
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -571,7 +572,7 @@ class CallSession:
             self._nursery.start_soon(self._run_leg, action)
             metrics = self.setup.metrics
             if action.fresh and self._resume_pending and metrics:
-                metrics.upstream_resumes.labels("failed").inc()
+                metrics.agent_resumes.labels("failed").inc()
             self._resume_pending = action.resume_session_id is not None
             first = action.resume_session_id is None and not action.fresh
             if self.setup.direction == "outbound" and first:
@@ -669,7 +670,7 @@ class CallSession:
         if metrics:
             metrics.calls.labels(outcome.value).inc()
             if self._resume_pending:
-                metrics.upstream_resumes.labels("failed").inc()
+                metrics.agent_resumes.labels("failed").inc()
             metrics.barge_ins.inc(s.barge_ins)
             metrics.fold_finished(s)
         log.info(

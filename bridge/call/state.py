@@ -550,10 +550,10 @@ class CallState:
         if self._current_reply == event.reply_id:
             self._current_reply = None
         if event.interrupted:
-            for call_id, tool in self._tools.items():
+            for tool_call_id, tool in self._tools.items():
                 if tool.reply_id == event.reply_id and not tool.discarded:
                     tool.discarded = True
-                    actions.append(Log(logging.INFO, f"tool result for {call_id} discarded: reply interrupted"))
+                    actions.append(Log(logging.INFO, f"tool result for {tool_call_id} discarded: reply interrupted"))
             self._held_results = [r for r in self._held_results if not self._tools[r[0]].discarded]
             actions.extend(self.playback.reply_interrupted(event.reply_id))
             if self.stream_sid:
@@ -570,13 +570,14 @@ class CallState:
         return actions
 
     def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
+        tool_call_id = event.tool_call_id
         self._gate_open = False
-        if event.call_id in self._tools:
-            return [Log(logging.WARNING, f"duplicate tool.call {event.call_id} ignored")]
+        if tool_call_id in self._tools:
+            return [Log(logging.WARNING, f"duplicate tool.call {tool_call_id} ignored")]
         self.stats.tool_calls += 1
-        self._tools[event.call_id] = tool = _ToolCallState(self._current_reply)
+        self._tools[tool_call_id] = tool = _ToolCallState(self._current_reply)
         if self._history is not None:
-            self._history.tool_started(event.call_id, event.name, event.arguments)
+            self._history.tool_started(tool_call_id, event.name, event.arguments)
         conv = self.conversation
         if conv is not None and conv.claims(event.name):
             return [
@@ -585,19 +586,19 @@ class CallState:
             ]
         started: list[Action] = []
         if self.record:
-            started.append(Fact(ToolStarted(event.call_id, event.name, event.arguments or {}, now)))
+            started.append(Fact(ToolStarted(tool_call_id, event.name, event.arguments or {}, now)))
         if event.arguments is None:
             return [
                 *started,
                 Log(logging.WARNING, f"tool.call {event.name!r} unreadable: {event.arguments_error}"),
-                *self.on_tool_done(event.call_id, _error_json(event.arguments_error or "bad tool call"), True, now),
+                *self.on_tool_done(tool_call_id, _error_json(event.arguments_error or "bad tool call"), True, now),
             ]
         if event.name == END_CALL_TOOL and self.policy.end_call_enabled:
             return [
                 *started,
                 Log(logging.INFO, "agent asked to end the call: hanging up after the goodbye plays"),
                 *self.playback.end_call(self._current_reply, now),
-                *self.on_tool_done(event.call_id, '{"ok":true,"note":"the call ends after your goodbye"}', False, now),
+                *self.on_tool_done(tool_call_id, '{"ok":true,"note":"the call ends after your goodbye"}', False, now),
             ]
         if event.name == TRANSFER_TOOL and self.policy.transfer_numbers:
             number = event.arguments.get("number") or self.policy.transfer_numbers[0]
@@ -605,20 +606,20 @@ class CallState:
                 return [
                     *started,
                     *self.on_tool_done(
-                        event.call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
+                        tool_call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
                     ),
                 ]
             self._tool_running(tool, now)
             return [
                 *started,
                 Log(logging.INFO, f"agent asked to transfer the call to {number}"),
-                Transfer(event.call_id, number),
+                Transfer(tool_call_id, number),
             ]
         self._tool_running(tool, now)
         return [
             *started,
             Log(logging.INFO, f"tool call {event.name} {_short(event.arguments)}"),
-            RunTool(event.call_id, event.name, event.arguments),
+            RunTool(tool_call_id, event.name, event.arguments),
         ]
 
     def _tool_running(self, tool: _ToolCallState, now: float) -> None:
@@ -646,9 +647,9 @@ class CallState:
 
     # --- tools, transfer, ticks -------------------------------------------------------------
 
-    def on_tool_done(self, call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
+    def on_tool_done(self, tool_call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
         """A tool finished (or failed). Send, hold or discard its result per reference §7."""
-        tool = self._tools.get(call_id)
+        tool = self._tools.get(tool_call_id)
         if tool is None or tool.done or self.phase is Phase.ENDING:
             return []
         if tool.running:
@@ -656,20 +657,20 @@ class CallState:
             if self.conversation:
                 self.conversation.tool_finished(now)
         if self._history is not None:
-            self._history.tool_finished(call_id, result, is_error)
-        finished: list[Action] = [Fact(ToolFinished(call_id, result, is_error, now))] if self.record else []
-        return [*finished, *self._deliver_result(call_id, result, is_error, now)]
+            self._history.tool_finished(tool_call_id, result, is_error)
+        finished: list[Action] = [Fact(ToolFinished(tool_call_id, result, is_error, now))] if self.record else []
+        return [*finished, *self._deliver_result(tool_call_id, result, is_error, now)]
 
-    def _deliver_result(self, call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
-        tool = self._tools.get(call_id)
+    def _deliver_result(self, tool_call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
+        tool = self._tools.get(tool_call_id)
         if tool is None or tool.done or self.phase is Phase.ENDING:
             return []
         tool.done = True
         if tool.discarded:
             return []
         if self._gate_open:
-            return [SendAgent(ag.tool_result(call_id, result, is_error=is_error))]
-        self._held_results.append((call_id, result, is_error, now))
+            return [SendAgent(ag.tool_result(tool_call_id, result, is_error=is_error))]
+        self._held_results.append((tool_call_id, result, is_error, now))
         return []
 
     def on_transfer_started(self) -> None:
@@ -743,7 +744,7 @@ class CallState:
 
     def _flush_results(self) -> list[Action]:
         held, self._held_results = self._held_results, []
-        return [SendAgent(ag.tool_result(cid, res, is_error=err)) for cid, res, err, _ in held]
+        return [SendAgent(ag.tool_result(tid, res, is_error=err)) for tid, res, err, _ in held]
 
     def _invalid_twilio(self, reason: str) -> list[Action]:
         self.stats.invalid_twilio += 1

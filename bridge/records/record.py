@@ -228,8 +228,8 @@ class RecordBuilder:
                 turn.done = True
                 turn.service_interrupted |= event.interrupted
         elif isinstance(event, ag.ToolCall):
-            if event.call_id not in self.tools:
-                self._tool(event.call_id, event.name, event.arguments, now)
+            if event.tool_call_id not in self.tools:
+                self._tool(event.tool_call_id, event.name, event.arguments, now)
         elif isinstance(event, ag.SessionReady):
             if event.session_id not in self.session_ids:
                 self.session_ids.append(event.session_id)

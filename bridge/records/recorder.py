@@ -153,7 +153,7 @@ class CallRecorder:
             if len(b.turns) != before or isinstance(event, (ag.TranscriptAgent, ag.ReplyDone)):
                 self._publish_turn(event)
             if isinstance(event, ag.ToolCall):
-                self._publish_tool(event.call_id)
+                self._publish_tool(event.tool_call_id)
             self._activity_changed(now)
         except Exception:
             self._fail()
