@@ -530,3 +530,24 @@ async def test_amd_off_greets_in_the_session_update(nursery: trio.Nursery, autoj
     agent = await call.connector.peer()
     update = await agent.receive()
     assert update is not None and update["session"]["greeting"] == GREETING
+
+
+# --- teardown (issue 12: the phone socket's abort is used) --------------------------------------
+
+
+async def test_a_twilio_that_never_finishes_the_close_is_aborted(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    call = Call(nursery)
+    agent = await call.start()
+    phone = call.phone_sock
+    polite = phone.aclose
+
+    async def stuck_close(code: int = 1000) -> None:
+        if not phone.aborted:
+            await trio.sleep_forever()  # the peer stopped reading: no close handshake
+        await polite(code)
+
+    phone.aclose = stuck_close  # type: ignore[method-assign]
+    await call.twilio.send(call.script.stop())
+    assert await agent.receive() == {"type": "session.end"}
+    await call.done.wait()
+    assert phone.aborted and phone.closed

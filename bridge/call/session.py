@@ -644,8 +644,11 @@ class CallSession:
         sock = self._leg.sock
         if sock is not None:  # normally the leg has already retired its socket
             await self._leg.retire(sock, say_goodbye=True)
-        with trio.move_on_after(CLOSE_S):
+        with trio.move_on_after(CLOSE_S) as polite:
             await self._phone.aclose(1000)
+        if polite.cancelled_caught:  # a Twilio that stopped reading never finishes the handshake
+            log.warning("Twilio did not complete the close within %g s: dropping the connection", CLOSE_S)
+            await self._phone.abort()
 
     def _context(self) -> CallContext:
         state = self.state
