@@ -6,6 +6,11 @@ method only updates in-memory state (and publishes a small live event when somet
 shows changed); no serialisation, no I/O. ``finish`` builds the final record once and hands it to
 the store's and the webhook's bounded queues (``submit`` never blocks). A recorder bug must never
 touch the call: every port method logs its first failure and carries on.
+
+With ``RECORD_AUDIO=on`` a recorder also carries the call's
+:class:`~bridge.records.recording.CallAudio` as the port's ``audio``: the session hands it the
+media frames and the agent audio it forwards; the recorder gives it the stream's start (the file's
+name, in the record's ``recording``), each ``clear`` and the call's end.
 """
 
 from __future__ import annotations
