@@ -545,3 +545,49 @@ async def test_a_restart_signs_the_browser_out_unless_console_session_secret_is_
 
 async def browser_quietly_signed_out(driver: Any) -> None:
     await trio.to_thread.run_sync(driver.delete_all_cookies)
+
+
+async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> None:
+    # Issue 15: digits collected with sensitive: true appear in no page, live or past, and in
+    # no event the page receives; the keys show as masked.
+    from bridge.call.keypad import TOOL_NAME as COLLECT_DIGITS
+
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=4.0)
+    call_sid = sid(6)
+    digits = "4417"
+    async with running_bridge(agent_config=config, env=env()) as bridge:
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+                           what="the event stream")
+        # Everything the live page is sent, as it arrives (EventSource is the page's own).
+        await browser.js("window.__events = []; const s = new EventSource('/api/events'); "
+                         "s.onmessage = (m) => window.__events.push(m.data);")
+        card = f"li.card[data-call-sid='{call_sid}']"
+        plan = CallPlan(call_sid=call_sid, speed=1.0, max_call_s=30.0,
+                        dtmf=[(3.0 + 0.3 * i, d) for i, d in enumerate(digits)])
+
+        async def script() -> None:
+            session = await bridge.agent.wait_for_session(1)
+            await bridge.agent.tool_call(session.session_id, COLLECT_DIGITS, {"max_digits": 4, "sensitive": True})
+            await wait_until(lambda: bool(session.tool_results), 15, "the digits' tool result")
+            assert session.tool_results[0]["result"] == f'{{"digits": "{digits}"}}'  # the agent got them
+            await browser.wait(f"return document.querySelector(\"{card}\")", what="the live card")
+            await trio.sleep(0.3)  # the events about the result have reached the page
+            bridge.twilio.request_hangup(call_sid)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(script)
+            with trio.fail_after(30):
+                await bridge.twilio.call(plan)
+        events = "\n".join(await browser.js("return window.__events"))
+        assert COLLECT_DIGITS in events and digits not in events
+        await browser.open(f"/console/calls/{call_sid}")
+        await browser.wait("return !document.getElementById('dtmf-box').hidden", what="the keys")
+        keys = (await browser.text("#call-dtmf")).split(" ")
+        assert len(keys) == 4 and all(set(k) == {"*"} for k in keys), keys  # four keys, each masked
+        assert COLLECT_DIGITS in await browser.text("#call-tools")
+        assert digits not in await browser.js("return document.body.innerText")
+        record = await browser.js("return fetch(arguments[0]).then(r => r.text())", f"/api/calls/{call_sid}")
+        assert COLLECT_DIGITS in record and digits not in record
+        await browser.no_script_ran()
