@@ -109,7 +109,7 @@ async def running_workers(
                 shutdown.set()
             with trio.move_on_after(10):
                 for app in apps:
-                    await app.idle.wait()
+                    await app.calls.idle.wait()
             nursery.cancel_scope.cancel()
 
 
