@@ -591,3 +591,59 @@ async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> N
         record = await browser.js("return fetch(arguments[0]).then(r => r.text())", f"/api/calls/{call_sid}")
         assert COLLECT_DIGITS in record and digits not in record
         await browser.no_script_ran()
+
+
+async def test_past_calls_pages_and_filters_by_outcome_and_dates(driver: Any, tmp_path: Path) -> None:
+    # 25 stored calls, one a day from 2026-11-01 at 10:00 UTC; every third one ended by the agent.
+    def day(n: int) -> str:
+        return f"2026-11-{n + 1:02d}"
+
+    calls = []
+    for n in range(25):
+        record = stored_record("CA" + f"{n:032x}", tmp_path / "none.wav")
+        record.update(
+            started_at=f"{day(n)}T10:00:00.000Z", ended_at=f"{day(n)}T10:00:09.000Z",
+            outcome="agent_ended" if n % 3 == 0 else "caller_hung_up", audio_path=None,
+        )
+        calls.append(record)
+    newest_first = [c["call_sid"] for c in reversed(calls)]
+    async with running_bridge(env=env()) as bridge:
+        store = bridge.app.record_store
+        assert store is not None
+        await store.ready.wait()
+        for record in calls:
+            store.submit(record)
+        with trio.fail_after(5):
+            while await store.get(calls[-1]["call_sid"]) is None:
+                await trio.sleep(0.02)
+        browser = Browser(driver, bridge.http_base)
+        await browser.sign_in()
+        rows = "return [...document.querySelectorAll('#past-rows tr')].map(r => r.dataset.callSid)"
+
+        await browser.open("/console/past")
+        await browser.wait("return document.querySelectorAll('#past-rows tr').length > 0", what="the first page")
+        assert await browser.js(rows) == newest_first[:20]  # newest first, 20 a page
+        assert await browser.js("return document.getElementById('page-first').hidden") is True
+        await browser.tab_to("#page-older")  # the keyboard reaches the next page...
+        await browser.press(Keys.ENTER)  # ...and opens it
+        await browser.wait("return location.search.includes('before=') && "
+                           "document.querySelectorAll('#past-rows tr').length === 5", what="the second page")
+        assert await browser.js(rows) == newest_first[20:]
+        assert await browser.js("return [document.getElementById('page-older').hidden, "
+                                "document.getElementById('page-first').hidden]") == [True, False]
+
+        # Outcome and a date range, chosen in the form and applied.
+        await browser.open("/console/past")
+        await browser.wait("return document.querySelectorAll('#past-rows tr').length === 20", what="the list")
+        await browser.js("document.getElementById('f-outcome').value = 'agent_ended'; "
+                         "document.getElementById('f-since').value = arguments[0]; "
+                         "document.getElementById('f-until').value = arguments[1]; "
+                         "document.querySelector('#filters button[type=submit]').click()", day(3), day(12))
+        await browser.wait("return location.search.includes('outcome=agent_ended')", what="the filtered page")
+        await browser.wait("return document.getElementById('past-status').textContent === '' && "
+                           "document.querySelectorAll('#past-rows tr').length > 0", what="the filtered rows")
+        expected = [c["call_sid"] for c in reversed(calls[3:13]) if c["outcome"] == "agent_ended"]
+        assert await browser.js(rows) == expected  # days 4, 7, 10 and 13 (the "to" day included)
+        assert await browser.js("return [document.getElementById('f-outcome').value, "
+                                "document.getElementById('f-since').value]") == ["agent_ended", day(3)]
+        await browser.shots("past-filtered")
