@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -170,3 +171,51 @@ def test_a_last_reply_that_never_plays_hangs_up_at_the_end_call_deadline() -> No
     assert isinstance(create, st.SendAgent) and "goodbye" in create.text
     assert state.on_tick(20.0) == []
     assert state.on_tick(20.3) == [st.HangUp("the last reply did not play in time")]
+
+
+# --- outbound silence as a tick output (issue 12) ----------------------------------------------
+
+
+def silence_ms(actions: list[st.Action]) -> list[int]:
+    out = []
+    for a in actions:
+        frame = orjson.loads(a.text) if isinstance(a, st.SendPhone) else {}
+        if frame.get("event") == "media":
+            audio = base64.b64decode(frame["media"]["payload"])
+            assert set(audio) == {0xFF}  # mu-law silence
+            out.append(len(audio) // 8)
+    return out
+
+
+def test_outbound_silence_is_topped_up_on_ticks_and_cleared_before_the_first_agent_audio() -> None:
+    script = TwilioScript()
+    state = CallState(CallPolicy(outbound=True, greeting_pad_ms=400, twilio_silence_s=3600.0))
+    assert silence_ms(state.on_phone(phone(script.start()), 0.0)) == [400]  # the pad
+    assert silence_ms(state.on_tick(0.25)) == [140]  # whole frames up to 0.54 s (0.3 s ahead), from the pad's end
+    assert silence_ms(state.on_tick(0.5)) == [260]  # up to 0.8 s
+    assert silence_ms(state.on_tick(2.0)) == [300]  # a late tick: from now, never a backlog
+    state.session_config(CONFIG)
+    state.on_agent(ag.parse(orjson.dumps(ready(OLD)).decode()), 2.1)
+    first = state.on_agent(ag.ReplyAudio("r1", payload(1)), 2.1)
+    assert [orjson.loads(a.text)["event"] for a in first if isinstance(a, st.SendPhone)] == ["clear", "media"]
+    assert silence_ms(state.on_tick(2.25)) == []  # the agent speaks: no more silence
+    second = state.on_agent(ag.ReplyAudio("r1", payload(2)), 2.3)
+    assert [orjson.loads(a.text)["event"] for a in second if isinstance(a, st.SendPhone)] == ["media"]
+
+
+def test_inbound_calls_get_no_silence() -> None:
+    state, _ = live()
+    assert state.on_tick(0.25) == [] and state.playback.silence_to is None
+
+
+def test_agent_audio_during_the_pad_still_waits_for_the_whole_pad() -> None:
+    script = TwilioScript()
+    state = CallState(CallPolicy(outbound=True, greeting_pad_ms=400, twilio_silence_s=3600.0))
+    state.on_phone(phone(script.start()), 0.0)
+    assert silence_ms(state.on_tick(0.25)) == [140]
+    state.session_config(CONFIG)
+    state.on_agent(ag.parse(orjson.dumps(ready(OLD)).decode()), 0.25)
+    first = state.on_agent(ag.ReplyAudio("r1", payload(1)), 0.29)
+    # The queued silence is cleared; what is left of the pad (110 ms, rounded up to 120) plays first.
+    assert [orjson.loads(a.text)["event"] for a in first if isinstance(a, st.SendPhone)] == ["clear", "media", "media"]
+    assert silence_ms(first[1:2]) == [120]

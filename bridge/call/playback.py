@@ -17,6 +17,9 @@ Invariants:
 - The goodbye (``end_call``) goes NONE -> AWAITING_REPLY (the goodbye reply is still speaking)
   -> MARK_SENT -> HANGING_UP (its mark came back, or did not within ``end_call_deadline_s``);
   a clear or an interrupted goodbye reply takes it back to NONE.
+- Outbound calls (:meth:`Playback.fill_silence`): from the end of the pad until the first agent
+  audio, silence is kept queued at most ``SILENCE_AHEAD_S`` ahead (whole 20 ms frames, never a
+  backlog); the first agent audio is preceded by a ``clear`` when silence is still queued.
 - With records on (``record``), a mark also goes out after every ``MARK_EVERY_MS`` of a reply's
   forwarded audio, each mapped to (reply_id, ms of that reply forwarded up to it), and the
   recorder gets ``AudioWritten`` once per reply, ``ClearSent`` and ``MarkPlayed``. With records
@@ -26,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from enum import Enum
 
@@ -37,6 +41,11 @@ from bridge.records.facts import AudioWritten, ClearSent, MarkPlayed
 MARK_EVERY_MS = 250  # the records' resolution for what the caller heard (facts contract)
 _MARK_EVERY_BYTES = MARK_EVERY_MS * tw.BYTES_PER_MS
 _NOWHERE = ("", 0)  # a mark not placed in a reply (records off, or before any audio)
+# Outbound calls: silence is queued this far ahead of now on each tick (the session ticks every
+# 0.25 s), so Twilio's buffer never runs dry before the agent speaks; what is still queued when
+# the first agent audio comes is cleared, so the greeting waits behind none of it.
+SILENCE_AHEAD_S = 0.3
+SILENCE_FRAME_MS = 20
 
 
 class PlaybackState(Enum):
@@ -70,6 +79,8 @@ class Playback:
         "epoch",
         "goodbye",
         "record",
+        "silence_from",
+        "silence_to",
         "state",
         "stats",
         "stopped",
@@ -84,6 +95,8 @@ class Playback:
         self.state = PlaybackState.IDLE
         self.goodbye = GoodbyePhase.NONE
         self.stopped = False  # the call is ending: no more audio is played
+        self.silence_to: float | None = None  # outbound: silence is queued up to here (call clock)
+        self.silence_from = 0.0  # ...and the greeting pad ends here: the first words never start sooner
         self._end_call_deadline_s = end_call_deadline_s
         self._interrupted: deque[str] = deque(maxlen=16)  # replies cut by the caller; a few suffice
         self._pending: dict[str, tuple[str, int]] = {}  # mark name -> (reply_id, offset_ms)
@@ -108,15 +121,39 @@ class Playback:
         if event.reply_id in self._interrupted:
             stats.frames_dropped_interrupted += 1
             return []
+        lead: list[Action] = []
         if stats.first_audio_at is None:
             stats.first_audio_at = now
+            if self.silence_to is not None:
+                if self.silence_to > now:  # queued silence would delay the greeting: drop it...
+                    lead.append(SendPhone(tw.clear_frame(self.stream_sid)))
+                    pad_ms = math.ceil((self.silence_from - now) * 1000 / SILENCE_FRAME_MS) * SILENCE_FRAME_MS
+                    if pad_ms > 0:  # ...but what is left of the pad plays first (rounded up)
+                        lead.append(SendPhone(tw.media_frame(self.stream_sid, tw.silence_payload(pad_ms)), self.epoch))
+                self.silence_to = None
         self.state = PlaybackState.PLAYING
         self._all_heard_mark = None  # this audio plays after that mark: its echo no longer means "all heard"
         stats.frames_to_twilio += 1
         frame = SendPhone(tw.media_frame(self.stream_sid, event.data), self.epoch)
+        if lead:
+            return [*lead, *self._recorded(frame, event, now)] if self.record else [*lead, frame]
         if not self.record:
             return [frame]
         return self._recorded(frame, event, now)
+
+    def fill_silence(self, now: float) -> list[Action]:
+        """Outbound, before the agent's first audio: top the queued silence up to
+        ``SILENCE_AHEAD_S`` ahead of ``now`` (one frame of whole 20 ms units)."""
+        queued_to = self.silence_to
+        if queued_to is None or self.stopped or not self.stream_sid:
+            return []
+        start = max(queued_to, now)  # behind (a late tick): never a backlog, only what is ahead
+        frames = round((now + SILENCE_AHEAD_S - start) * 1000) // SILENCE_FRAME_MS
+        if frames <= 0:
+            return []
+        ms = frames * SILENCE_FRAME_MS
+        self.silence_to = start + ms / 1000
+        return [SendPhone(tw.media_frame(self.stream_sid, tw.silence_payload(ms)), self.epoch)]
 
     def _recorded(self, frame: SendPhone, event: ag.ReplyAudio, now: float) -> list[Action]:
         data, reply_id = event.data, event.reply_id

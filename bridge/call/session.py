@@ -4,8 +4,8 @@ Tasks (each socket has one reader and one writer; nothing else touches a socket)
 
     phone_rx  -> CallState.on_phone  -> [agent_out] -> agent_tx  -> Voice Agent
     phone_tx  <- [phone_out] <- CallState.on_agent <- agent_rx  <- Voice Agent
-    ticker (deadlines), tool / hang-up / transfer tasks, outbound silence (until the agent speaks),
-    the call's signals (AMD result, outbound calls with AMD)
+    ticker (deadlines, and outbound silence until the agent speaks: the core's tick output),
+    tool / hang-up / transfer tasks, the call's signals (AMD result, outbound calls with AMD)
 
 The agent leg (connect, ``session.update``, agent_rx, agent_tx) runs in a nursery of its own
 inside the call's, so a failed upstream handshake is an outcome of the leg, not a crash of the
@@ -54,7 +54,6 @@ SEND_DEADLINE_S = 5.0  # a peer that takes longer than this to accept one frame 
 GOODBYE_S = 0.75  # session.end -> session.ended; keeps the whole teardown under one second
 TICK_S = 0.25  # deadlines are coarse (seconds): 4 wake-ups per call per second are plenty
 REST_DEADLINE_S = 10.0
-SILENCE_FRAME_MS = 20
 
 
 
@@ -449,15 +448,6 @@ class CallSession:
             if since is not None and now - since >= SEND_DEADLINE_S and self._agent_tx_scope is not None:
                 self._agent_tx_scope.cancel()
 
-    async def _outbound_silence(self) -> None:
-        """Keep the callee's audio path open with silence until the agent's audio starts."""
-        await trio.sleep(self.setup.policy.greeting_pad_ms / 1000)
-        frame = tw.silence_payload(SILENCE_FRAME_MS)
-        state = self.state
-        while state.stats.first_audio_at is None and not state.ending:
-            self._apply([st.SendPhone(tw.media_frame(state.stream_sid, frame), state.epoch)])
-            await trio.sleep(SILENCE_FRAME_MS / 1000)
-
     async def _call_signals(self, signals: CallSignals, call_sid: str) -> None:
         """This call's out-of-band news (the AMD callback) into the state, until the call ends."""
         with signals.subscribe(call_sid) as subscription:
@@ -575,8 +565,6 @@ class CallSession:
                 metrics.agent_resumes.labels("failed").inc()
             self._resume_pending = action.resume_session_id is not None
             first = action.resume_session_id is None and not action.fresh
-            if self.setup.direction == "outbound" and first:
-                self._nursery.start_soon(self._outbound_silence)
             conv = self.state.conversation
             signals = self.setup.signals
             if first and signals is not None and conv is not None and conv.amd is not None:

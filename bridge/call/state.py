@@ -293,10 +293,13 @@ class CallState:
             ConnectAgent(),
             Log(logging.INFO, f"stream {event.stream_sid} started ({event.encoding}, {event.sample_rate} Hz)"),
         ]
-        if self.policy.outbound and self.policy.greeting_pad_ms > 0:
-            # Queued before any agent audio: the callee's audio path opens during this silence.
-            pad = tw.silence_payload(self.policy.greeting_pad_ms)
-            actions.append(SendPhone(tw.media_frame(self.stream_sid, pad), self.playback.epoch))
+        if self.policy.outbound:
+            if self.policy.greeting_pad_ms > 0:
+                # Queued before any agent audio: the callee's audio path opens during this silence.
+                pad = tw.silence_payload(self.policy.greeting_pad_ms)
+                actions.append(SendPhone(tw.media_frame(self.stream_sid, pad), self.playback.epoch))
+            # Then silence keeps the path open until the agent speaks (ticks: fill_silence).
+            self.playback.silence_to = self.playback.silence_from = now + self.policy.greeting_pad_ms / 1000
         return actions
 
     def _on_media(self, event: tw.Media, now: float) -> list[Action]:
@@ -716,6 +719,8 @@ class CallState:
         if started is not None and now - started >= self.policy.max_call_s:
             return self._end(f"call reached MAX_CALL_SECONDS={self.policy.max_call_s:g}", Outcome.TIME_LIMIT)
         actions = self.playback.on_tick(now)
+        if self.playback.silence_to is not None:
+            actions.extend(self.playback.fill_silence(now))
         if self._held_results and now - self._held_results[0][3] >= self.policy.tool_hold_max_s:
             actions.extend(self._flush_results())
         if self._final_deadline is not None:
