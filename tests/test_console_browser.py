@@ -549,7 +549,8 @@ async def browser_quietly_signed_out(driver: Any) -> None:
 
 async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> None:
     # Issue 15: digits collected with sensitive: true appear in no page, live or past, and in
-    # no event the page receives; the keys show as masked.
+    # no event the page receives; the keys show as masked. Watched on the live call's own page,
+    # whose duration ticks and which turns into the ended call's page by itself.
     from bridge.call.keypad import TOOL_NAME as COLLECT_DIGITS
 
     config = FakeAgentConfig(api_key=API_KEY, vad=False, speed=4.0)
@@ -558,21 +559,26 @@ async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> N
     async with running_bridge(agent_config=config, env=env()) as bridge:
         browser = Browser(driver, bridge.http_base)
         await browser.sign_in()
-        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
-                           what="the event stream")
-        # Everything the live page is sent, as it arrives (EventSource is the page's own).
-        await browser.js("window.__events = []; const s = new EventSource('/api/events'); "
-                         "s.onmessage = (m) => window.__events.push(m.data);")
-        card = f"li.card[data-call-sid='{call_sid}']"
         plan = CallPlan(call_sid=call_sid, speed=1.0, max_call_s=30.0,
                         dtmf=[(3.0 + 0.3 * i, d) for i, d in enumerate(digits)])
+        duration = "return document.querySelector('#call-facts dd[data-fact=Duration]').textContent"
 
         async def script() -> None:
             session = await bridge.agent.wait_for_session(1)
+            await live_record(bridge, call_sid)
+            await browser.open(f"/console/calls/{call_sid}")
+            await browser.wait("return document.getElementById('call-facts').textContent.includes('live')",
+                               what="the live call's page")
+            # Everything a page is sent, as it arrives (a second EventSource, as the page's own).
+            await browser.js("window.__events = []; const s = new EventSource('/api/events'); "
+                             "s.onmessage = (m) => window.__events.push(m.data);")
+            assert await browser.js("return document.getElementById('call-hangup').hidden") is False
             await bridge.agent.tool_call(session.session_id, COLLECT_DIGITS, {"max_digits": 4, "sensitive": True})
+            first = await browser.js(duration)
             await wait_until(lambda: bool(session.tool_results), 15, "the digits' tool result")
             assert session.tool_results[0]["result"] == f'{{"digits": "{digits}"}}'  # the agent got them
-            await browser.wait(f"return document.querySelector(\"{card}\")", what="the live card")
+            await browser.wait("return !document.getElementById('dtmf-box').hidden", what="the keys, live")
+            assert await browser.js(duration) != first  # it ticked while the caller typed
             await trio.sleep(0.3)  # the events about the result have reached the page
             bridge.twilio.request_hangup(call_sid)
 
@@ -580,8 +586,13 @@ async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> N
             nursery.start_soon(script)
             with trio.fail_after(30):
                 await bridge.twilio.call(plan)
+        # The page turned into the ended call's, without a reload.
+        await browser.wait("return document.querySelector('#call-facts dd[data-fact=Status]').textContent === 'ended'",
+                           what="the call to end on its page")
+        assert await browser.js("return document.getElementById('call-hangup').hidden") is True
         events = "\n".join(await browser.js("return window.__events"))
         assert COLLECT_DIGITS in events and digits not in events
+        assert digits not in await browser.js("return document.body.innerText")
         await browser.open(f"/console/calls/{call_sid}")
         await browser.wait("return !document.getElementById('dtmf-box').hidden", what="the keys")
         keys = (await browser.text("#call-dtmf")).split(" ")

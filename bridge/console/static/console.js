@@ -478,6 +478,7 @@
     $("call-json").href = apiCallUrl(sid);
     const status = $("call-status");
     let loading = false;
+    let liveSince = null; // browser time (ms) when a live call's duration was 0; null once it ended
     let again = false;
 
     async function load() {
@@ -517,6 +518,8 @@
       for (const [name, value] of rows) facts.append(el("div", {}, el("dt", {}, name), el("dd", { "data-fact": name }, value)));
       const hang = $("call-hangup");
       hang.hidden = !r.live;
+      // From the record's own duration, not its start: the browser's clock may be off the server's.
+      liveSince = r.live && typeof r.duration_s === "number" ? Date.now() - r.duration_s * 1000 : null;
       const audioPath = r.recording || r.audio_path || r.recording_path;
       $("recording-box").hidden = !audioPath;
       if (audioPath && !$("recording").getAttribute("src")) $("recording").setAttribute("src", callUrl(sid) + "/recording");
@@ -540,6 +543,10 @@
 
     const hang = $("call-hangup");
     hang.addEventListener("click", () => hangUp(sid, hang));
+    window.setInterval(() => { // a live call's duration ticks between events
+      const cell = document.querySelector('#call-facts dd[data-fact="Duration"]');
+      if (liveSince !== null && cell) cell.textContent = formatDuration((Date.now() - liveSince) / 1000);
+    }, 250);
     status.textContent = "Loading…";
     await load();
     // While the call is live, every event about it reloads the record (coalesced).
