@@ -575,6 +575,8 @@ async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> N
             assert await browser.js("return document.getElementById('call-hangup').hidden") is False
             await bridge.agent.tool_call(session.session_id, COLLECT_DIGITS, {"max_digits": 4, "sensitive": True})
             first = await browser.js(duration)
+            await browser.wait("return document.querySelector('#call-facts dd[data-fact=Status]').textContent"
+                               " === 'live · tool running'", what="the keypad collection as a running tool")
             await wait_until(lambda: bool(session.tool_results), 15, "the digits' tool result")
             assert session.tool_results[0]["result"] == f'{{"digits": "{digits}"}}'  # the agent got them
             await browser.wait("return !document.getElementById('dtmf-box').hidden", what="the keys, live")
