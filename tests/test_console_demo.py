@@ -140,3 +140,14 @@ async def test_console_demo_serves_its_calls_with_the_printed_token_and_stops_cl
             proc.kill()
             with trio.move_on_after(5, shield=True):
                 await proc.wait()
+
+
+def test_a_bad_token_stops_the_console_demo_with_one_line_naming_the_setting() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.console_demo", "--token", "too-short"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("console_demo: CONSOLE_TOKEN is too short")
+    assert "console:" not in proc.stdout  # nothing was served

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from bridge.config import from_env
+from bridge.errors import ConfigError
 from bridge.phone.rest import TrioHttpClient, TwilioRest
 from bridge.server import serve
 from bridge.web import create_app, default_collaborators
@@ -42,6 +43,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _environment(base: str, agent_url: str, token: str, records_dir: Path) -> dict[str, str]:
+    return {
+        "ASSEMBLYAI_API_KEY": API_KEY,
+        "PUBLIC_HOSTNAME": base,
+        "VOICE_AGENT_URL": agent_url,
+        "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN,
+        "TWILIO_ACCOUNT_SID": DEMO_ACCOUNT_SID,
+        "CONSOLE_TOKEN": token,
+        "RECORDS_URL": f"sqlite:///{records_dir / 'calls.sqlite3'}",
+        "RECORD_REDACT": "From",  # the console shows the caller's number masked
+        "CALLER_AUDIO_BURST_MS": "600000",  # --speed above 1 sends the caller's audio faster
+        "DRAIN_SECONDS": "0",  # Ctrl-C ends the demo's calls at once
+        "LOG_LEVEL": "WARNING",
+    }
 
 
 async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
@@ -63,21 +80,12 @@ async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.serve)
         rest_base = await nursery.start(rest.serve)
-        settings = from_env(
-            {
-                "ASSEMBLYAI_API_KEY": API_KEY,
-                "PUBLIC_HOSTNAME": base,
-                "VOICE_AGENT_URL": agent.url,
-                "TWILIO_AUTH_TOKEN": DEMO_AUTH_TOKEN,
-                "TWILIO_ACCOUNT_SID": DEMO_ACCOUNT_SID,
-                "CONSOLE_TOKEN": token,
-                "RECORDS_URL": f"sqlite:///{records_dir / 'calls.sqlite3'}",
-                "RECORD_REDACT": "From",  # the console shows the caller's number masked
-                "CALLER_AUDIO_BURST_MS": "600000",
-                "DRAIN_SECONDS": "0",  # Ctrl-C ends the demo's calls at once
-                "LOG_LEVEL": "WARNING",
-            }
-        )
+        try:
+            settings = from_env(_environment(base, agent.url, token, records_dir))
+        except ConfigError as exc:  # e.g. a --token that is too short: the setting's one line
+            print(f"console_demo: {exc}", file=sys.stderr)
+            nursery.cancel_scope.cancel()
+            return 2
         collaborators = default_collaborators(settings)
         collaborators.control = TwilioRest(
             DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, http_client=TrioHttpClient(api_base=rest_base)
@@ -145,13 +153,20 @@ async def run(args: argparse.Namespace, token: str, records_dir: Path) -> int:
     return exit_code
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.console_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="port of the bridge (default: a free one)")
-    parser.add_argument("--token", default=None, help="console token (default: a random one)")
-    parser.add_argument("--speed", type=float, default=1.0, help="time scale of the calls (1 = real time)")
-    parser.add_argument("--every", type=float, default=60.0, help="seconds between simulated calls")
-    parser.add_argument("--call-seconds", type=float, default=30.0, help="when the caller hangs up "
+    parser.add_argument("--token", default=None, help="console token, 16 characters or more (default: a random one)")
+    parser.add_argument("--speed", type=_positive, default=1.0, help="time scale of the calls (1 = real time)")
+    parser.add_argument("--every", type=_positive, default=60.0, help="seconds between simulated calls")
+    parser.add_argument("--call-seconds", type=_positive, default=30.0, help="when the caller hangs up "
                         "(the script takes ~26 s)")
     parser.add_argument("--calls", type=int, default=0, help="stop placing calls after this many (0: never)")
     parser.add_argument("--exit-when-done", action="store_true", help="stop once the last call has ended")
