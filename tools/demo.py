@@ -2,9 +2,10 @@
 
 Starts the fake Voice Agent and the real bridge (``python -m bridge serve``, with its console and
 call records in a temporary folder) on loopback, prints the console's URL and a demo token,
-places one simulated Twilio call whose caller speaks a real recorded question, writes what the
-caller heard to ``demo-call.wav``, prints the call's timeline, the bridge's log of the call and
-the call's record as the records API gives it (turn latencies, said vs heard), and stops
+places one simulated Twilio call whose caller speaks real recorded questions and types an order
+number on the keypad when the agent asks for it (the bridge's collect_digits tool), writes what
+the caller heard to ``demo-call.wav``, prints the call's timeline, the bridge's log of the call
+and the call's record as the records API gives it (turn latencies, said vs heard), and stops
 everything cleanly. ``make demo`` runs it; ``--speed 4`` runs it four times faster; ``--keep``
 keeps the bridge up after the call, until Ctrl-C, so the call can be read in the console.
 """
