@@ -194,9 +194,11 @@ class BridgeApp:
         try:
             await session.run()
         finally:
-            with trio.move_on_after(_RELEASE_S, shield=True):
-                await self.shared.release(call_id)
-            self.calls.remove(call_id)
+            try:
+                with trio.move_on_after(_RELEASE_S, shield=True):
+                    await self.shared.release(call_id)
+            finally:
+                self.calls.remove(call_id)  # whatever release did: the drain must not wait for it
 
     def _call_setup(self, call_id: str, grant: StreamGrant) -> CallSetup:
         s = self.settings
