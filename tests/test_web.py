@@ -9,8 +9,13 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 
+from bridge.agent.connection import AgentEndpoint, open_agent_socket
+from bridge.call.ports import MessageSocket
+from bridge.fleet.shared import InProcessState
 from bridge.observe import CallTags, call_tags, setup_logging
+from bridge.web import Collaborators
 from tests.harness import API_KEY, AUTH_TOKEN, running_bridge
 from tools.fake_agent import FakeAgentConfig
 from tools.fake_twilio import CallPlan
@@ -110,3 +115,43 @@ def test_json_logs_carry_the_call_ids(capsys: pytest.CaptureFixture[str]) -> Non
     assert entry["level"] == "info" and entry["logger"] == "bridge.call"
 
 
+
+
+class _HeldRelease(InProcessState):
+    """In-process state whose release waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__(100)
+        self.releasing = trio.Event()
+        self.may_release = trio.Event()
+
+    async def release(self, call_id: str) -> None:
+        self.releasing.set()
+        await self.may_release.wait()
+        await super().release(call_id)
+
+
+async def test_a_call_stays_live_until_its_slot_is_given_back() -> None:
+    # The drain waits on the registry's idle event: it must not see "no calls" while an ended
+    # call's slot is still held by the shared state (the process could exit with it held).
+    shared = _HeldRelease()
+    agent_url: list[str] = []
+
+    async def connect(nursery: trio.Nursery) -> MessageSocket:
+        return await open_agent_socket(nursery, AgentEndpoint(url=agent_url[0], api_key=API_KEY))
+
+    collaborators = Collaborators(connect_agent=connect, shared=shared)
+    agent = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(collaborators=collaborators, agent_config=agent) as bridge:
+        agent_url.append(bridge.agent.url)
+        result = await bridge.twilio.call(CallPlan(speed=10.0, hangup_after_s=1.0))
+        assert result.ended_by == "caller"
+        with trio.fail_after(5):
+            await shared.releasing.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        idle = bridge.app.calls.idle
+        assert bridge.app.active_calls == 1 and not idle.is_set()
+        shared.may_release.set()
+        with trio.fail_after(5):
+            await idle.wait()
+        assert bridge.app.active_calls == 0 and shared.ledger.live_calls == 0
