@@ -155,3 +155,16 @@ async def test_a_call_stays_live_until_its_slot_is_given_back() -> None:
         with trio.fail_after(5):
             await idle.wait()
         assert bridge.app.active_calls == 0 and shared.ledger.live_calls == 0
+
+
+async def test_status_callbacks_log_bounded_lines_whatever_they_carry(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "bridge.web")
+    async with running_bridge() as bridge:
+        huge = {"CallSid": "CA" + "9" * 5000, "StreamEvent": "stream-error", "StreamError": "x" * 50_000}
+        assert (await bridge.twilio.post_webhook("/stream-status", huge)).status_code == 204
+        status = {"CallSid": "CA" + "9" * 5000, "CallStatus": "failed", "StatusCallbackEvent": "e" * 5000,
+                  "CallDuration": "7" * 5000, "SipResponseCode": "5" * 5000}
+        assert (await bridge.twilio.post_webhook("/call-status", status)).status_code == 204
+    messages = [r.getMessage() for r in caplog.records]
+    lines = [m for m in messages if "stream stream-error" in m or "status failed" in m]
+    assert len(lines) == 2 and all(len(line) < 600 for line in lines), [len(line) for line in lines]

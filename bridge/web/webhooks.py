@@ -142,10 +142,12 @@ def build_quart(app: BridgeApp) -> QuartTrio:
         form, refusal = await verified_form(app, "/stream-status")
         if refusal:
             return refusal
-        event = form.get("StreamEvent", "")
+        # Bounded: without TWILIO_AUTH_TOKEN anyone may post here, and a form holds up to 64 KB.
+        event = form.get("StreamEvent", "")[:32]
         level = logging.WARNING if event == "stream-error" else logging.INFO
-        error = form.get("StreamError", "")
-        log.log(level, "call %s stream %s%s", form.get("CallSid", "?"), event or "?", f": {error}" if error else "")
+        error = form.get("StreamError", "")[:300]
+        call_sid = form.get("CallSid", "")[:64] or "?"
+        log.log(level, "call %s stream %s%s", call_sid, event or "?", f": {error}" if error else "")
         return Response("", status=204)
 
     @quart.post("/amd-status")
