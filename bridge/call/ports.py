@@ -57,8 +57,9 @@ class AudioRecorderPort(Protocol):
     def caller(self, event: tw.Media) -> None:
         """Every Twilio media frame, as parsed."""
 
-    def agent(self, event: ag.ReplyAudio, now: float) -> None:
-        """Agent audio the core forwarded to Twilio at ``now`` (not the audio it dropped)."""
+    def played(self, frame: str, now: float) -> None:
+        """A ``media`` message written to Twilio at ``now``, as sent (agent audio, or silence
+        before the first reply); audio dropped before it was written never reaches it."""
 
 
 class CallRecorderPort(Protocol):

@@ -222,6 +222,8 @@ class CallSession:
 
     async def _phone_tx(self) -> None:
         playback, phone, clock, recv = self.state.playback, self._phone, self._clock, self._phone_out_recv
+        audio = self._recorder.audio if self._recorder is not None else None
+        played = audio.played if audio is not None else None  # None: RECORD_AUDIO=off
         try:
             while True:
                 try:
@@ -230,9 +232,15 @@ class CallSession:
                     return
                 while True:  # then whatever else is queued, without a scheduling pass per frame
                     if epoch is None or epoch == playback.epoch:  # else: queued before a clear, never played
-                        self._phone_send_since = clock()
+                        self._phone_send_since = now = clock()
                         await phone.send(text)
                         self._phone_send_since = None
+                        if played is not None and epoch is not None:  # media: Twilio plays it from now
+                            try:
+                                played(text, now)
+                            except Exception:  # a recorder bug never costs the call: stop recording audio
+                                log.exception("the call's audio recorder failed: its audio is no longer recorded")
+                                played = None
                     try:
                         text, epoch = recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
@@ -344,8 +352,6 @@ class CallSession:
         """Read the agent until its socket closes. Returns a reason to retry the connect, or None."""
         state, clock, parse, apply = self.state, self._clock, ag.parse, self._apply
         metrics = self.setup.metrics
-        audio = self._recorder.audio if self._recorder is not None else None
-        agent_audio = audio.agent if audio is not None else None  # None: RECORD_AUDIO=off
         while True:
             frame = await sock.receive()
             if frame is None:
@@ -364,17 +370,7 @@ class CallSession:
                     metrics.reply_latency.observe(clock() - self._speech_stopped_at)
                     self._speech_stopped_at = None
                 first = state.stats.first_audio_at is None
-                if agent_audio is None:
-                    apply(state.on_agent(event, clock()))
-                else:
-                    now, forwarded = clock(), state.stats.frames_to_twilio
-                    apply(state.on_agent(event, now))
-                    if state.stats.frames_to_twilio != forwarded:  # the core sent it on to Twilio
-                        try:
-                            agent_audio(event, now)  # type: ignore[arg-type]
-                        except Exception:  # a recorder bug never costs the call: stop recording audio
-                            log.exception("the call's audio recorder failed: its audio is no longer recorded")
-                            agent_audio = None
+                apply(state.on_agent(event, clock()))
                 if first and state.stats.first_audio_at is not None and metrics and state.stats.started_at is not None:
                     metrics.first_audio.observe(state.stats.first_audio_at - state.stats.started_at)
                 continue

@@ -8,16 +8,19 @@ Invariants:
 - Caller audio is appended in arrival order; a Twilio ``timestamp`` that jumps ahead by at most
   ``MAX_GAP_S`` (lost frames) is filled with silence first, a bigger jump is not believed (a
   hostile or broken timestamp never makes us write minutes of silence).
-- The caller's audio is the stream's clock: "now" is where the caller track ends. Twilio sends
-  caller audio continuously in real time, so this also holds when a test plays the call faster
-  than real time. When the caller track lags the call's own clock by more than ``STALL_S``
-  (Twilio stopped sending), it is padded with silence up to that lag, so the file keeps moving.
-- Agent audio plays as Twilio plays it: from when it was written, or right after the audio
-  written before it, whichever is later. A ``clear`` at "now" drops every agent sample placed at
-  or after now (Twilio's unplayed buffer), never one before it.
-- Everything before "now" is final (a later clear cannot reach back): :meth:`StereoTimeline.take`
-  hands it out and forgets it, so memory holds only the agent audio still ahead of now (at most
-  ``MAX_AHEAD_S``; more is dropped and counted) and the caller audio since the last take.
+- "Now" on the timeline is the later of where the caller track ends and the call's own clock
+  (since the stream started). Twilio sends caller audio continuously in real time, so the two
+  agree within network jitter; the clock wins when caller frames come late (a burst, a reader
+  that fell behind), the caller track when a test plays the call faster than real time. When the
+  caller track lags the clock by more than ``STALL_S`` (Twilio stopped sending), it is padded
+  with silence up to that lag, so the file keeps moving.
+- Agent audio plays as Twilio plays it: from when it was written to Twilio, or right after the
+  audio written before it, whichever is later. A ``clear`` at now drops every agent sample
+  placed at or after now (Twilio's unplayed buffer), never one before it.
+- Everything before the caller track's end is final (a later clear cannot reach back before
+  now): :meth:`StereoTimeline.take` hands it out and forgets it, so memory holds only the agent
+  audio still ahead (at most ``MAX_AHEAD_S``; more is dropped and counted) and the caller audio
+  since the last take.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class StereoTimeline:
 
     @property
     def now(self) -> int:
-        """Where the caller track ends: the stream's present."""
+        """Where the caller track ends (everything before it is final)."""
         return self._base + len(self._left)
 
     @property
@@ -111,7 +114,7 @@ class StereoTimeline:
     def agent(self, data: bytes, clock: int) -> None:
         """Agent audio written to Twilio when the call's clock read ``clock``."""
         self.tick(clock)
-        now = self.now
+        now = max(self.now, clock)
         start = max(self.agent_end, now)
         if start + len(data) - now > _MAX_AHEAD:
             self.dropped_agent_samples += len(data)
@@ -123,7 +126,7 @@ class StereoTimeline:
     def clear(self, clock: int) -> None:
         """We sent Twilio a ``clear``: the agent audio not yet played is gone."""
         self.tick(clock)
-        keep = self.now - self._base
+        keep = max(self.now, clock) - self._base
         if len(self._right) > keep:
             del self._right[keep:]
 

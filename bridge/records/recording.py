@@ -2,11 +2,12 @@
 around the pure :class:`~bridge.records.audio.StereoTimeline`.
 
 The call's hot path only appends: :meth:`CallAudio.caller` keeps the parsed Twilio ``Media``
-event (already made; nothing is decoded), :meth:`CallAudio.agent` a (payload, time) pair per
-agent chunk written to Twilio, :meth:`CallAudio.clear` the time of a ``clear``. ONE writer task
-per process (:meth:`Recordings.run`) wakes every ``FLUSH_S``, takes each live call's list, and in
-ONE worker thread for all calls decodes the base64, places the audio on the timeline, turns what
-is final into PCM16 stereo and appends it to the call's WAV. :mod:`wave` rewrites the header's
+event (already made; nothing is decoded), :meth:`CallAudio.played` a (message, time) pair per
+``media`` message the session's Twilio writer has just sent (so agent audio is placed when it was
+written, and audio dropped before that never counts), :meth:`CallAudio.clear` the time of a
+``clear``. ONE writer task per process (:meth:`Recordings.run`) wakes every ``FLUSH_S``, takes
+each live call's list, and in ONE worker thread for all calls parses and decodes, places the
+audio on the timeline, turns what is final into PCM16 stereo and appends it to the call's WAV. :mod:`wave` rewrites the header's
 sizes after every append, so the file on disk is always a valid WAV of everything final so far;
 a finished call gets its last append and its file closed on the next pass (woken at once).
 
@@ -40,9 +41,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+import orjson
 import trio
 
-from bridge.agent import events as ag
 from bridge.phone import media as tw
 from bridge.records.audio import SAMPLE_RATE_HZ, StereoTimeline, decode_stereo
 
@@ -63,7 +64,7 @@ _Item = tw.Media | tuple[str, float] | float
 class CallAudio:
     """One call's recording (``bridge.call.ports.AudioRecorderPort``).
 
-    The event loop calls ``caller``/``agent``/``clear``/``start``/``finish``; only the writer (in
+    The event loop calls ``caller``/``played``/``clear``/``start``/``finish``; only the writer (in
     its thread) touches the timeline and the file.
     """
 
@@ -110,11 +111,11 @@ class CallAudio:
         else:
             self.dropped_items += 1
 
-    def agent(self, event: ag.ReplyAudio, now: float) -> None:
-        """One chunk of agent audio, queued for Twilio at ``now``."""
+    def played(self, frame: str, now: float) -> None:
+        """A ``media`` message written to Twilio at ``now`` (parsed by the writer, not here)."""
         items = self._items
         if len(items) < MAX_ITEMS:
-            items.append((event.data, now))
+            items.append((frame, now))
         else:
             self.dropped_items += 1
 
@@ -148,13 +149,14 @@ class CallAudio:
             kind = type(item)
             try:
                 if kind is tuple:
-                    data, at = item  # type: ignore[misc]
-                    timeline.agent(a2b(data), round((at - origin) * rate))
+                    frame, at = item  # type: ignore[misc]
+                    payload = orjson.loads(frame)["media"]["payload"]
+                    timeline.agent(a2b(payload), round((at - origin) * rate))
                 elif kind is float:
                     timeline.clear(round((item - origin) * rate))  # type: ignore[operator]
                 else:
                     timeline.caller(a2b(item.payload), item.timestamp_ms)  # type: ignore[union-attr]
-            except (binascii.Error, ValueError):
+            except (binascii.Error, ValueError, KeyError, TypeError):  # orjson's errors are ValueErrors
                 self.invalid_payloads += 1
         timeline.tick(round((now - origin) * rate))
         left, right = timeline.take(final=final)
