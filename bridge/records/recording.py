@@ -7,9 +7,10 @@ event (already made; nothing is decoded), :meth:`CallAudio.played` a (message, t
 written, and audio dropped before that never counts), :meth:`CallAudio.clear` the time of a
 ``clear``. ONE writer task per process (:meth:`Recordings.run`) wakes every ``FLUSH_S``, takes
 each live call's list, and in ONE worker thread for all calls parses and decodes, places the
-audio on the timeline, turns what is final into PCM16 stereo and appends it to the call's WAV. :mod:`wave` rewrites the header's
-sizes after every append, so the file on disk is always a valid WAV of everything final so far;
-a finished call gets its last append and its file closed on the next pass (woken at once).
+audio on the timeline, turns what is final into PCM16 stereo and appends it to the call's WAV.
+:mod:`wave` rewrites the header's sizes after every append, so the file on disk is always a
+valid WAV of everything final so far; a finished call gets its last append and its file closed
+on the next pass (woken at once).
 
 Bounds: at most ``MAX_ITEMS`` appended items per call wait for the writer (about 20 s of audio;
 a writer that far behind means the disk is stuck): later ones are dropped and counted, and the
