@@ -39,6 +39,7 @@ PURE_MODULES = [
     "bridge.call.idle",
     "bridge.call.recovery",
     "bridge.call.conversation",
+    "bridge.call.toolgate",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

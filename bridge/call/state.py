@@ -11,9 +11,10 @@ Invariants:
   audio queued before a ``clear`` is never played, audio of an interrupted reply is dropped, and
   a mark's echo is told apart as heard or flushed.
 - ``EndCall`` is returned at most once; after it, only the upstream goodbye is still tracked.
-- Tool results follow reference §7: sent when ``reply.done`` is the latest turn event, held
-  otherwise (flushed after ``tool_hold_max_s`` as a safety net), discarded when the reply that
-  asked for them was interrupted. ``collect_digits`` results too (the keypad answers it).
+- Tool results follow reference §7 (the ``ToolGate`` sub-machine, ``call/toolgate.py``): sent
+  when ``reply.done`` is the latest turn event, held otherwise (flushed after
+  ``tool_hold_max_s`` as a safety net), discarded when the reply that asked for them was
+  interrupted. ``collect_digits`` results too (the keypad answers it).
 - The conversation sub-machine (``call/conversation.py``: keypad, idle timers, answering
   machines) is composed here: the core feeds it and turns its outputs into the same actions.
   With AMD holding the greeting, caller audio is dropped (counted as pre-ready) until a person
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import Enum
 from typing import Any
 
@@ -56,6 +57,7 @@ from bridge.call.actions import (
 )
 from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
+from bridge.call.toolgate import Release, ToolCallState, ToolGate
 from bridge.phone import media as tw
 from bridge.records.facts import AnsweredBy, DtmfPressed, SessionRecovered, ToolFinished, ToolStarted
 
@@ -108,14 +110,6 @@ class Phase(Enum):
     ENDING = "ending"
 
 
-@dataclass(slots=True)
-class _ToolCallState:
-    reply_id: str | None
-    done: bool = False
-    discarded: bool = False
-    running: bool = False  # a Python tool or a transfer: the caller is not idle meanwhile
-
-
 class CallState:
     """All decisions of one call. See the module docstring for the invariants."""
 
@@ -126,9 +120,8 @@ class CallState:
         "_current_reply",
         "_final_deadline",
         "_final_pending",
-        "_gate_open",
+        "_gate",
         "_greeting_sent",
-        "_held_results",
         "_history",
         "_last_phone_at",
         "_ready_deadline",
@@ -138,7 +131,6 @@ class CallState:
         "_recovery_instructions",
         "_resume_attempts",
         "_resume_deadline",
-        "_tools",
         "call_sid",
         "conversation",
         "custom_parameters",
@@ -178,9 +170,7 @@ class CallState:
         self._resume_deadline: float | None = None
         self._resume_attempts = 0
         self._current_reply: str | None = None
-        self._gate_open = True
-        self._held_results: list[tuple[str, str, bool, float]] = []
-        self._tools: dict[str, _ToolCallState] = {}
+        self._gate = ToolGate(policy.tool_hold_max_s)  # reference §7: when each tool result may go
         self._bucket_ms = policy.caller_burst_ms
         self._bucket_at = 0.0
         self._last_phone_at: float | None = None
@@ -432,11 +422,7 @@ class CallState:
         self.stats.recoveries += 1
         self.recovered = True
         self._recovery_frames = self.stats.frames_to_twilio  # heard once more agent audio went out
-        for tool in self._tools.values():
-            if not tool.done:
-                tool.discarded = True  # the fresh session never made these calls
-        self._held_results = []
-        self._gate_open = True
+        self._gate.forget_pending()  # the fresh session never made those calls
         self._current_reply = None
         actions: list[Action] = []
         if self.record:
@@ -520,7 +506,7 @@ class CallState:
         return self._end("the Voice Agent ended the session", Outcome.UPSTREAM_FAILED, upstream=False)
 
     def _on_speech_started(self, event: ag.SpeechStarted, now: float) -> list[Action]:
-        self._gate_open = False
+        self._gate.turn_started()
         self.stats.turns += 1
         if not self.stream_sid:
             return []
@@ -540,7 +526,7 @@ class CallState:
         return []
 
     def _on_reply_started(self, event: ag.ReplyStarted, now: float) -> list[Action]:
-        self._gate_open = False
+        self._gate.turn_started()
         self._current_reply = event.reply_id
         self._tell_conversation(event, now)
         if self._final_pending:  # this is the last reply asked for: the call ends once it was heard
@@ -553,20 +539,15 @@ class CallState:
         if self._current_reply == event.reply_id:
             self._current_reply = None
         if event.interrupted:
-            for tool_call_id, tool in self._tools.items():
-                if tool.reply_id == event.reply_id and not tool.discarded:
-                    tool.discarded = True
-                    actions.append(Log(logging.INFO, f"tool result for {tool_call_id} discarded: reply interrupted"))
-            self._held_results = [r for r in self._held_results if not self._tools[r[0]].discarded]
+            for tool_call_id in self._gate.reply_interrupted(event.reply_id):
+                actions.append(Log(logging.INFO, f"tool result for {tool_call_id} discarded: reply interrupted"))
             actions.extend(self.playback.reply_interrupted(event.reply_id))
             if self.stream_sid:
                 actions.extend(self.playback.clear(now))
-            self._gate_open = False
             if self.conversation:
                 self.conversation.reply_heard(now)  # flushed: the agent is quiet from here
             return actions
-        self._gate_open = True
-        actions.extend(self._flush_results())
+        actions.extend(_sent(self._gate.reply_completed()))
         actions.extend(self.playback.reply_completed(event.reply_id, now))
         if self.conversation and self.playback.state is PlaybackState.IDLE:
             self.conversation.reply_heard(now)  # nothing left playing (a silent reply)
@@ -574,11 +555,10 @@ class CallState:
 
     def _on_tool_call(self, event: ag.ToolCall, now: float) -> list[Action]:
         tool_call_id = event.tool_call_id
-        self._gate_open = False
-        if tool_call_id in self._tools:
+        tool = self._gate.called(tool_call_id, self._current_reply)
+        if tool is None:
             return [Log(logging.WARNING, f"duplicate tool.call {tool_call_id} ignored")]
         self.stats.tool_calls += 1
-        self._tools[tool_call_id] = tool = _ToolCallState(self._current_reply)
         if self._history is not None:
             self._history.tool_started(tool_call_id, event.name, event.arguments)
         conv = self.conversation
@@ -625,7 +605,7 @@ class CallState:
             RunTool(tool_call_id, event.name, event.arguments),
         ]
 
-    def _tool_running(self, tool: _ToolCallState, now: float) -> None:
+    def _tool_running(self, tool: ToolCallState, now: float) -> None:
         tool.running = True
         if self.conversation:
             self.conversation.tool_started(now)
@@ -652,7 +632,7 @@ class CallState:
 
     def on_tool_done(self, tool_call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
         """A tool finished (or failed). Send, hold or discard its result per reference §7."""
-        tool = self._tools.get(tool_call_id)
+        tool = self._gate.get(tool_call_id)
         if tool is None or tool.done or self.phase is Phase.ENDING:
             return []
         if tool.running:
@@ -665,16 +645,9 @@ class CallState:
         return [*finished, *self._deliver_result(tool_call_id, result, is_error, now)]
 
     def _deliver_result(self, tool_call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
-        tool = self._tools.get(tool_call_id)
-        if tool is None or tool.done or self.phase is Phase.ENDING:
+        if self.phase is Phase.ENDING:
             return []
-        tool.done = True
-        if tool.discarded:
-            return []
-        if self._gate_open:
-            return [SendAgent(ag.tool_result(tool_call_id, result, is_error=is_error))]
-        self._held_results.append((tool_call_id, result, is_error, now))
-        return []
+        return _sent(self._gate.finished(tool_call_id, result, is_error, now))
 
     def on_transfer_started(self) -> None:
         """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""
@@ -721,8 +694,7 @@ class CallState:
         actions = self.playback.on_tick(now)
         if self.playback.silence_to is not None:
             actions.extend(self.playback.fill_silence(now))
-        if self._held_results and now - self._held_results[0][3] >= self.policy.tool_hold_max_s:
-            actions.extend(self._flush_results())
+        actions.extend(_sent(self._gate.due(now)))
         if self._final_deadline is not None:
             goodbye = self.playback.goodbye
             if goodbye is GoodbyePhase.MARK_SENT or goodbye is GoodbyePhase.HANGING_UP:
@@ -746,10 +718,6 @@ class CallState:
         return self._end(reason, outcome, upstream=end_upstream)
 
     # --- helpers ------------------------------------------------------------------------------
-
-    def _flush_results(self) -> list[Action]:
-        held, self._held_results = self._held_results, []
-        return [SendAgent(ag.tool_result(tid, res, is_error=err)) for tid, res, err, _ in held]
 
     def _invalid_twilio(self, reason: str) -> list[Action]:
         self.stats.invalid_twilio += 1
@@ -837,6 +805,10 @@ class CallState:
         self.end_reason = reason
         end_upstream = upstream and had_upstream and not self.upstream_ended
         return [EndCall(reason, outcome, end_upstream)]
+
+
+def _sent(releases: list[Release]) -> list[Action]:
+    return [SendAgent(ag.tool_result(r.tool_call_id, r.result, is_error=r.is_error)) for r in releases]
 
 
 def _error_json(message: str) -> str:
