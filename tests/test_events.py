@@ -33,6 +33,7 @@ from bridge.agent.events import (
     SpeechStopped,
     ToolCall,
     TranscriptAgent,
+    TranscriptAgentDelta,
     TranscriptUser,
     TranscriptUserDelta,
     UnknownEvent,
@@ -45,6 +46,7 @@ from bridge.agent.events import (
 )
 
 RESULT_TYPES = (
+    TranscriptAgentDelta,
     SessionReady,
     SessionUpdated,
     SessionEnded,
@@ -180,8 +182,19 @@ DOCUMENTED = [
             "end_ms": None,
             "timestamp": TS,
         },
-        UnknownEvent("transcript.agent.delta"),
-        id="transcript.agent.delta-ignored",
+        TranscriptAgentDelta("r", "i", "Hi", 0, None),
+        id="transcript.agent.delta",
+    ),
+    pytest.param(
+        {"type": "transcript.agent.delta", "reply_id": "r", "delta": " there", "start_ms": 120, "end_ms": 380},
+        TranscriptAgentDelta("r", "", " there", 120, 380),
+        id="transcript.agent.delta-timed",
+    ),
+    pytest.param(
+        # Timings that are not non-negative integers are unknown, never guessed.
+        {"type": "transcript.agent.delta", "reply_id": "r", "delta": 5, "start_ms": -1, "end_ms": "380"},
+        TranscriptAgentDelta("r", "", "", None, None),
+        id="transcript.agent.delta-hostile",
     ),
     pytest.param({"type": "reply.error", "timestamp": TS}, UnknownEvent("reply.error"), id="reply.error-ignored"),
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -23,23 +22,8 @@ def start(params: dict[str, str] | None = None) -> tw.Start:
     return tw.Start("MZ1", SID, "AC1", ("inbound",), params or {}, "audio/x-mulaw", 8000, 1, 1)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Delta:
-    """Shaped like events.TranscriptAgentDelta (transcript.agent.delta)."""
-
-    reply_id: str
-    item_id: str
-    delta: str
-    start_ms: int | None
-    end_ms: int | None
-
-
-Delta.__name__ = "TranscriptAgentDelta"
-DeltaEvent: Any = getattr(ag, "TranscriptAgentDelta", Delta)
-
-
-def delta(reply_id: str, word: str, start_ms: int | None, end_ms: int | None) -> Any:
-    return DeltaEvent(reply_id=reply_id, item_id="i", delta=word, start_ms=start_ms, end_ms=end_ms)
+def delta(reply_id: str, word: str, start_ms: int | None, end_ms: int | None) -> ag.TranscriptAgentDelta:
+    return ag.TranscriptAgentDelta(reply_id=reply_id, item_id="i", delta=word, start_ms=start_ms, end_ms=end_ms)
 
 
 def builder(**kw: Any) -> rc.RecordBuilder:
@@ -148,7 +132,7 @@ def test_flushed_mark_alone_marks_the_reply_interrupted() -> None:
 
 
 def test_without_word_timings_an_interrupted_reply_uses_the_service_trimmed_text() -> None:
-    steps = [s for s in barge_in_reply() if type(s[1]).__name__ != "TranscriptAgentDelta"]
+    steps = [s for s in barge_in_reply() if not isinstance(s[1], ag.TranscriptAgentDelta)]
     b = builder()
     feed(b, GREETING + steps)
     turn = agent_turn(b.build(105.0), "r1")
@@ -159,7 +143,7 @@ def test_without_word_timings_an_interrupted_reply_uses_the_service_trimmed_text
 
 def test_deltas_without_timings_fall_back_to_the_trimmed_text() -> None:
     steps = [
-        (s[0], delta("r1", s[1].delta, None, None)) if type(s[1]).__name__ == "TranscriptAgentDelta" else s
+        (s[0], delta("r1", s[1].delta, None, None)) if isinstance(s[1], ag.TranscriptAgentDelta) else s
         for s in barge_in_reply()
     ]
     b = builder()

@@ -145,6 +145,19 @@ class TranscriptAgent:
 
 
 @dataclass(frozen=True, slots=True)
+class TranscriptAgentDelta:
+    """A word (or a few) of a reply and where it sits in the reply's audio: the records' word
+    timings for what the caller heard. ``start_ms``/``end_ms`` are None when the service sends
+    null or something that is not an integer."""
+
+    reply_id: str
+    item_id: str
+    delta: str
+    start_ms: int | None
+    end_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReplyDone:
     reply_id: str
     interrupted: bool
@@ -182,6 +195,7 @@ AgentEvent = (
     | ReplyStarted
     | ReplyAudio
     | TranscriptAgent
+    | TranscriptAgentDelta
     | ReplyDone
     | ToolCall
     | UnknownEvent
@@ -213,6 +227,11 @@ def parse(frame: str | bytes) -> AgentEvent | InvalidEvent:
 def _s(msg: dict[str, Any], key: str) -> str:
     value = msg.get(key)
     return value if type(value) is str else ""
+
+
+def _ms(msg: dict[str, Any], key: str) -> int | None:
+    value = msg.get(key)
+    return value if type(value) is int and value >= 0 else None
 
 
 def _ready(msg: dict[str, Any]) -> SessionReady | InvalidEvent:
@@ -274,6 +293,9 @@ _BUILDERS: dict[str, Any] = {
     "transcript.user": lambda m: TranscriptUser(_s(m, "item_id"), _s(m, "text")),
     "reply.started": lambda m: ReplyStarted(_s(m, "reply_id")),
     "transcript.agent": lambda m: TranscriptAgent(_s(m, "reply_id"), _s(m, "text"), m.get("interrupted") is True),
+    "transcript.agent.delta": lambda m: TranscriptAgentDelta(
+        _s(m, "reply_id"), _s(m, "item_id"), _s(m, "delta"), _ms(m, "start_ms"), _ms(m, "end_ms")
+    ),
     "reply.done": lambda m: ReplyDone(_s(m, "reply_id"), m.get("status") == "interrupted"),
     "tool.call": _tool_call,
 }

@@ -238,14 +238,8 @@ class RecordBuilder:
                 self.errors.append({"code": event.code, "message": event.message, "at": now})
             else:
                 self._count_truncated("errors")
-        elif type(event).__name__ == "TranscriptAgentDelta":
-            # transcript.agent.delta (reply_id, item_id, delta, start_ms, end_ms): word timings.
-            self.agent_delta(
-                getattr(event, "reply_id", ""),
-                getattr(event, "delta", ""),
-                getattr(event, "end_ms", None),
-                now,
-            )
+        elif isinstance(event, ag.TranscriptAgentDelta):
+            self.agent_delta(event.reply_id, event.delta, event.end_ms, now)
         else:
             return
         self.revision += 1
