@@ -40,6 +40,7 @@ PURE_MODULES = [
     "bridge.call.recovery",
     "bridge.call.conversation",
     "bridge.call.toolgate",
+    "bridge.call.budget",
 ]
 FORBIDDEN = ["trio", "quart", "quart_trio", "hypercorn", "trio_websocket"]
 ROOT = Path(__file__).resolve().parent.parent

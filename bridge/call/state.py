@@ -6,7 +6,8 @@ never awaits; time enters only as the ``now`` argument (seconds, any monotonic o
 
 Invariants:
 - Caller audio goes upstream only while the upstream session is ready (phase LIVE), in order,
-  byte-identical, and at most ~real time (a token bucket drops a flood; drops are counted).
+  byte-identical, and at most ~real time (``CallerAudioBudget``, ``call/budget.py``: a token
+  bucket drops a flood; drops are counted).
 - Playback (epoch, marks, the goodbye) is the ``Playback`` sub-machine (``call/playback.py``):
   audio queued before a ``clear`` is never played, audio of an interrupted reply is dropped, and
   a mark's echo is told apart as heard or flushed.
@@ -55,6 +56,7 @@ from bridge.call.actions import (
     SendPhone,
     Transfer,
 )
+from bridge.call.budget import CallerAudioBudget
 from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
 from bridge.call.toolgate import Release, ToolCallState, ToolGate
@@ -115,8 +117,7 @@ class CallState:
 
     __slots__ = (
         "_amd_gate",
-        "_bucket_at",
-        "_bucket_ms",
+        "_budget",
         "_current_reply",
         "_final_deadline",
         "_final_pending",
@@ -171,8 +172,7 @@ class CallState:
         self._resume_attempts = 0
         self._current_reply: str | None = None
         self._gate = ToolGate(policy.tool_hold_max_s)  # reference §7: when each tool result may go
-        self._bucket_ms = policy.caller_burst_ms
-        self._bucket_at = 0.0
+        self._budget = CallerAudioBudget(policy.caller_burst_ms)  # caller audio at most ~real time
         self._last_phone_at: float | None = None
         # Keypad, idle timers, AMD: made at ``start`` (the AMD clock runs from the answer).
         self.conversation: cv.Conversation | None = None
@@ -263,7 +263,7 @@ class CallState:
         self.custom_parameters = event.custom_parameters
         self.phase = Phase.CONNECTING
         self.stats.started_at = now
-        self._bucket_at = now
+        self._budget.refill(now)
         p = self.policy
         self.conversation = cv.Conversation.for_call(
             outbound=p.outbound,
@@ -312,20 +312,9 @@ class CallState:
         if self._amd_gate:  # a machine's greeting would start a reply: held until a person is known
             stats.frames_dropped_pre_ready += 1
             return []
-        # Token bucket in ms of audio: refills at real time, holds at most the burst allowance.
-        bucket = self._bucket_ms + (now - self._bucket_at) * 1000.0
-        self._bucket_at = now
-        payload = event.payload
-        pad = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
-        frame_ms = ((len(payload) * 3 >> 2) - pad) * 0.125  # exact bytes / 8 bytes per ms
-        burst = self.policy.caller_burst_ms
-        if bucket > burst:
-            bucket = burst
-        if bucket < frame_ms:
-            self._bucket_ms = bucket
+        if not self._budget.take(event.payload, now):
             stats.frames_dropped_flood += 1
             return []
-        self._bucket_ms = bucket - frame_ms
         stats.frames_to_agent += 1
         return [SendAgent(ag.input_audio(event.payload), True)]
 
@@ -406,8 +395,7 @@ class CallState:
         self._resume_deadline = None
         if resumed:
             self.stats.resumes += 1
-        self._bucket_at = now
-        self._bucket_ms = self.policy.caller_burst_ms
+        self._budget.refill(now)
         what = "resumed" if resumed else "ready (recovered: a fresh session)" if recovering else "ready"
         actions: list[Action] = [Log(logging.INFO, f"agent session {event.session_id} {what}")]
         conv = self.conversation
