@@ -118,6 +118,7 @@ class CallState:
     __slots__ = (
         "_amd_gate",
         "_budget",
+        "_budget_take",
         "_current_reply",
         "_final_deadline",
         "_final_pending",
@@ -173,6 +174,7 @@ class CallState:
         self._current_reply: str | None = None
         self._gate = ToolGate(policy.tool_hold_max_s)  # reference §7: when each tool result may go
         self._budget = CallerAudioBudget(policy.caller_burst_ms)  # caller audio at most ~real time
+        self._budget_take = self._budget.take  # bound once: it runs for every caller frame
         self._last_phone_at: float | None = None
         # Keypad, idle timers, AMD: made at ``start`` (the AMD clock runs from the answer).
         self.conversation: cv.Conversation | None = None
@@ -312,7 +314,7 @@ class CallState:
         if self._amd_gate:  # a machine's greeting would start a reply: held until a person is known
             stats.frames_dropped_pre_ready += 1
             return []
-        if not self._budget.take(event.payload, now):
+        if not self._budget_take(event.payload, now):
             stats.frames_dropped_flood += 1
             return []
         stats.frames_to_agent += 1
