@@ -33,6 +33,7 @@ PURE_MODULES = [
     "bridge.records.facts",
     "bridge.records.record",
     "bridge.records.report",
+    "bridge.records.audio",
     "bridge.console.session",
     "bridge.call.amd",
     "bridge.call.keypad",
