@@ -8,10 +8,12 @@ refusal names its worker's pid; the pids themselves come from ``/healthz``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -45,6 +47,7 @@ class Fleet:
     agent: FakeAgent
     twilio: FakeTwilio
     log: Path
+    run_dir: Path
 
     @property
     def base(self) -> str:
@@ -63,6 +66,11 @@ async def workers(tmp_path: Path, count: int, **env: str) -> AsyncIterator[Fleet
             "VOICE_AGENT_URL": agent.url, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "STREAM_TOKEN_SECRET": SECRET,
             "WORKERS": str(count), "DRAIN_SECONDS": "1", "CALLER_AUDIO_BURST_MS": "600000",
         } | env
+        # Each worker's private Hypercorn socket lands here (bridge/server.py: make_private_dir),
+        # so a test can ask every worker directly instead of hoping the kernel picks each one.
+        # (Short: a unix socket's path has at most 107 bytes, more than pytest's tmp_path leaves.)
+        run_dir = Path(tempfile.mkdtemp(prefix="bw-", dir="/tmp"))
+        environ["TMPDIR"] = str(run_dir)
         log_path = tmp_path / "server.log"
         with log_path.open("wb") as log:
             proc = await trio.lowlevel.open_process([sys.executable, "-m", "bridge", "serve"], cwd=tmp_path,
@@ -71,14 +79,18 @@ async def workers(tmp_path: Path, count: int, **env: str) -> AsyncIterator[Fleet
             pids: set[int] = set()
             with trio.fail_after(30):
                 while len(pids) < count:
+                    pids = {pid for pid in _worker_sockets(run_dir) if await _healthz(run_dir, pid) is not None}
+                    await trio.sleep(0.05)
+                while True:  # and the shared port answers
                     try:
-                        async with httpx.AsyncClient() as http:  # a new connection each time
-                            pids.add((await http.get(f"http://127.0.0.1:{port}/healthz")).json()["pid"])
+                        async with httpx.AsyncClient() as http:
+                            await http.get(f"http://127.0.0.1:{port}/healthz")
+                        break
                     except httpx.HTTPError:
                         await trio.sleep(0.05)
             twilio = FakeTwilio(http_base=f"http://127.0.0.1:{port}", public_base=f"http://127.0.0.1:{port}",
                                 auth_token=AUTH_TOKEN)
-            yield Fleet(proc, port, pids, agent, twilio, log_path)
+            yield Fleet(proc, port, pids, agent, twilio, log_path, run_dir)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -90,6 +102,7 @@ async def workers(tmp_path: Path, count: int, **env: str) -> AsyncIterator[Fleet
                 if _alive(pid):
                     with suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(run_dir, ignore_errors=True)
             nursery.cancel_scope.cancel()
 
 
@@ -101,14 +114,40 @@ def _refusals(fleet: Fleet, status: int, reason: str) -> dict[int, int]:
             for pid in fleet.pids}
 
 
+def _worker_sockets(run_dir: Path) -> dict[int, Path]:
+    """{pid: that worker's private Hypercorn socket}."""
+    found: dict[int, Path] = {}
+    for sock in run_dir.glob("bridge-hypercorn-*-*/hypercorn.sock"):
+        found[int(sock.parent.name.split("-")[2])] = sock
+    return found
+
+
+async def _healthz(run_dir: Path, pid: int) -> dict[str, int] | None:
+    """``GET /healthz`` of one worker, through its own socket; None if it does not answer."""
+    sock = _worker_sockets(run_dir).get(pid)
+    if sock is None:
+        return None
+    try:
+        transport = httpx.AsyncHTTPTransport(uds=str(sock))
+        async with httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=5) as http:
+            body: dict[str, int] = (await http.get("/healthz")).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    assert body["pid"] == pid
+    return body
+
+
 async def _active_calls(fleet: Fleet) -> dict[int, int]:
+    """{pid: live calls} of every live worker, each asked directly."""
     seen: dict[int, int] = {}
-    alive = {pid for pid in fleet.pids if _alive(pid)}
-    with trio.fail_after(20):
-        while set(seen) != alive:
-            async with httpx.AsyncClient(timeout=5) as http:
-                body = (await http.get(fleet.base + "/healthz")).json()
-            seen[body["pid"]] = body["active_calls"]
+    with trio.fail_after(10):
+        for pid in sorted(fleet.pids):
+            while _alive(pid):
+                body = await _healthz(fleet.run_dir, pid)
+                if body is not None:
+                    seen[pid] = body["active_calls"]
+                    break
+                await trio.sleep(0.05)
     return seen
 
 
