@@ -366,3 +366,57 @@ def test_the_report_shows_latencies_and_said_vs_heard() -> None:
     assert "caller: Can you book a table?" in text
     assert "tool lookup ok in 100 ms: found it" in text
     assert "outcome caller_hung_up" in text and "said 1.50 s, heard 1.00 s" in text
+
+
+def _silent_reply(reply: str, at: float, tools: list[tuple[str, str]], interrupted: bool = False) -> list[Any]:
+    """A reply without words: started, its tool calls (if any), done."""
+    steps: list[Any] = [(at, ag.ReplyStarted(reply))]
+    for n, (tool_call_id, name) in enumerate(tools):
+        t = at + 0.01 * (n + 1)
+        steps += [(t, ag.ToolCall(tool_call_id, name, {})), (t, fx.ToolStarted(tool_call_id, name, {}, t)),
+                  (t + 0.05, fx.ToolFinished(tool_call_id, '{"ok":true}', False, t + 0.05))]
+    return [*steps, (at + 0.2, ag.ReplyDone(reply, interrupted))]
+
+
+@pytest.mark.parametrize(
+    ("script", "line"),
+    [
+        # the agent's goodbye, then a silent pre-amble that only calls end_call
+        ([*_silent_reply("r1", 102.0, [("t1", "end_call")])], "  agent: (no words: called end_call)"),
+        ([*_silent_reply("r1", 102.0, [("t1", "lookup"), ("t2", "weather")])],
+         "  agent: (no words: called lookup, weather)"),
+        # a tool called in a later reply is not this silent reply's
+        ([*_silent_reply("r1", 102.0, []), *_silent_reply("r2", 103.0, [("t2", "weather")])], "  agent: (no words)"),
+        # the caller speaks (a caller turn starts) while the pre-amble's tool runs: still its tool
+        ([(101.9, ag.SpeechStarted()), (102.0, ag.ReplyStarted("r1")), (102.1, ag.TranscriptUser("u", "hm")),
+          (102.2, ag.ToolCall("t1", "lookup", {})), (102.2, fx.ToolStarted("t1", "lookup", {}, 102.2)),
+          (102.3, ag.ReplyDone("r1", False))], "  agent: (no words: called lookup)"),
+        ([(102.0, ag.ReplyStarted("r1")), (102.1, ag.SpeechStarted()), (102.1, ag.ReplyDone("r1", True))],
+         "  agent [interrupted]: (no words)"),
+    ],
+    ids=["end_call", "two_tools", "tool_of_a_later_reply", "caller_turn_between", "interrupted_before_words"],
+)
+def test_the_report_of_an_agent_turn_without_words_says_so(script: list[Any], line: str) -> None:
+    from bridge.records.report import format_record
+
+    b = builder()
+    feed(b, GREETING + script + [(105.0, fx.CallEnded("agent_ended", "end_call", 105.0))])
+    b.finish(105.0)
+    record = b.build(105.0)
+    silent = [t for t in record["turns"] if t["speaker"] == "agent" and not t["text"]]
+    assert silent, "the script has an agent turn without words"
+    lines = format_record(record).splitlines()
+    assert line in lines, lines
+    assert not [x for x in lines if x.rstrip().endswith(":")], lines  # never an empty line after a label
+    assert "agent (first audio 500 ms): Hello, how can I help?" in lines[3]
+
+
+def test_the_report_of_a_stored_record_with_odd_times_does_not_fail() -> None:
+    from bridge.records.report import format_record
+
+    record = {"turns": [{"speaker": "agent", "text": "", "started_at": "not a time"},
+                        {"speaker": "agent", "text": " ", "started_at": None}],
+              "tools": [{"name": "end_call", "started_at": "2027-01-15T08:00:01.000Z"}]}
+    lines = format_record(record).splitlines()
+    assert lines.count("  agent: (no words)") == 2
+    assert "  tool end_call: no result" in lines  # not "ok in None ms: "

@@ -1,8 +1,10 @@
 """A call record as text for people (``make demo`` ends with it): one line per turn with its
-latency, and for agent turns what was said vs what the caller heard. Pure."""
+latency, and for agent turns what was said vs what the caller heard. An agent turn without words
+(a silent reply that only calls a tool) says so and names the tools called during it. Pure."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 _WIDTH = 100
@@ -11,6 +13,30 @@ _WIDTH = 100
 def _clip(text: str, width: int = _WIDTH) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _moment(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _tools_during(turns: list[dict[str, Any]], index: int, tools: list[dict[str, Any]]) -> list[str]:
+    """Names of the tools called from agent turn ``index``'s start until the next agent turn's
+    (the record does not link a tool to its reply; a tool call arrives inside the reply that
+    makes it, and a caller's turn may start before it)."""
+    start = _moment(turns[index].get("started_at"))
+    later = [t for t in turns[index + 1 :] if t.get("speaker") == "agent"]
+    end = _moment(later[0].get("started_at")) if later else None
+    if start is None:
+        return []
+    names = []
+    for tool in tools:
+        at = _moment(tool.get("started_at"))
+        if at is not None and start <= at and (end is None or at < end):
+            names.append(str(tool.get("name")))
+    return names
 
 
 def format_record(record: dict[str, Any]) -> str:
@@ -23,7 +49,9 @@ def format_record(record: dict[str, Any]) -> str:
         f"upstream open {record.get('upstream_open_s')} s",
     ]
     said_ms = heard_ms = 0
-    for turn in record.get("turns") or []:
+    turns = record.get("turns") or []
+    tools = record.get("tools") or []
+    for index, turn in enumerate(turns):
         if turn.get("speaker") == "caller":
             lines.append(f"  caller: {_clip(turn.get('text', ''))}")
             continue
@@ -35,13 +63,23 @@ def format_record(record: dict[str, Any]) -> str:
         said_ms += int(turn.get("said_ms") or 0)
         heard_ms += int(turn.get("heard_ms") or 0)
         flag = " [interrupted]" if turn.get("interrupted") else ""
-        lines.append(f"  agent ({', '.join(timing) or 'no audio timing'}){flag}: {_clip(turn.get('text', ''))}")
+        text = str(turn.get("text") or "")
+        if not text.strip():
+            called = _tools_during(turns, index, tools)
+            words = f"(no words: called {', '.join(called)})" if called else "(no words)"
+            lines.append(f"  agent{' (' + ', '.join(timing) + ')' if timing else ''}{flag}: {words}")
+            continue
+        lines.append(f"  agent ({', '.join(timing) or 'no audio timing'}){flag}: {_clip(text)}")
         if turn.get("heard_text") != turn.get("text"):
             lines.append(f"    heard ({turn.get('heard_ms')} ms): {_clip(turn.get('heard_text') or '(nothing)')}")
-    for tool in record.get("tools") or []:
+    for tool in tools:
+        if tool.get("result") is None:  # still running, or the call ended first
+            lines.append(f"  tool {tool.get('name')}: no result")
+            continue
         status = "error" if tool.get("is_error") else "ok"
         lines.append(
-            f"  tool {tool.get('name')} {status} in {tool.get('duration_ms')} ms: {_clip(tool.get('result') or '', 60)}"
+            f"  tool {tool.get('name')} {status} in {tool.get('duration_ms')} ms: "
+            f"{_clip(tool.get('result') or '(empty)', 60)}"
         )
     if record.get("dtmf"):
         lines.append("  keys: " + " ".join(d["digit"] for d in record["dtmf"]))
