@@ -34,8 +34,8 @@ def make_app(tmp_path: Path, **env: str) -> Any:
     backend.migrate()
     for n in range(1, 5):
         backend.write(make_record(n, outcome="agent_ended" if n % 2 else "caller_hung_up", text=f"hello {n}"))
-    app.records = Records(clock=lambda: 10.0)  # type: ignore[attr-defined]
     app.record_store = RecordStore(backend)  # type: ignore[attr-defined]
+    app.records = Records(clock=lambda: 10.0, sinks=(app.record_store,))  # type: ignore[attr-defined]
     return app
 
 
@@ -153,3 +153,50 @@ async def test_a_database_outage_is_a_503(tmp_path: Path) -> None:
 async def test_records_off_is_a_503(tmp_path: Path) -> None:
     client = make_app(tmp_path, CONSOLE_TOKEN=TOKEN, RECORDS="off").quart.test_client()
     assert (await client.get("/api/calls", headers=AUTH)).status_code == 503
+
+
+async def test_a_finished_call_the_store_still_holds_is_readable_and_listed_once(tmp_path: Path) -> None:
+    # The store's writer is not running (make_app): a finished record stays in its queue, as in
+    # the moments between a call's end and its row being written, or while the database is down.
+    app = make_app(tmp_path, CONSOLE_TOKEN=TOKEN)
+    recorder = app.records.new_call("c-ended", "inbound")
+    ended_sid = "CA" + "d" * 32
+    recorder.phone(tw.Start("MZ", ended_sid, "AC", ("inbound",), {}, "audio/x-mulaw", 8000, 1, 1), 10.0)
+    recorder.agent(ag.TranscriptUser("u", "goodbye then"), 10.5)
+    recorder.finish(11.0)
+    assert app.records.live(ended_sid) is None and app.record_store.pending == 1
+    client = app.quart.test_client()
+    response = await client.get(f"/api/calls/{ended_sid}", headers=AUTH)
+    assert response.status_code == 200
+    record = await response.get_json()
+    assert record["live"] is False and record["turns"][0]["text"] == "goodbye then" and record["ended_at"]
+    listing = await (await client.get("/api/calls", headers=AUTH)).get_json()
+    assert [c["call_sid"] for c in listing["calls"]].count(ended_sid) == 1
+    assert next(c for c in listing["calls"] if c["call_sid"] == ended_sid)["live"] is False
+    searched = await (await client.get("/api/calls?q=GOODBYE", headers=AUTH)).get_json()
+    assert [c["call_sid"] for c in searched["calls"]] == [ended_sid]
+    # Its row written while it is still held (the writer commits, then takes it off the queue):
+    # still listed once.
+    app.record_store.backend.write(record)
+    listing = await (await client.get("/api/calls", headers=AUTH)).get_json()
+    assert [c["call_sid"] for c in listing["calls"]].count(ended_sid) == 1
+
+
+async def test_while_the_database_is_down_a_held_call_is_still_readable(tmp_path: Path) -> None:
+    app = make_app(tmp_path, CONSOLE_TOKEN=TOKEN)
+    (tmp_path / "gone").mkdir()
+    app.record_store = RecordStore(bk.SqliteBackend(str(tmp_path / "gone")))  # every statement fails
+    app.records.sinks = (app.record_store,)
+    recorder = app.records.new_call("c-held", "inbound")
+    held_sid = "CA" + "c" * 32
+    recorder.phone(tw.Start("MZ", held_sid, "AC", ("inbound",), {}, "audio/x-mulaw", 8000, 1, 1), 10.0)
+    recorder.finish(11.0)
+    client = app.quart.test_client()
+    response = await client.get(f"/api/calls/{held_sid}", headers=AUTH)
+    assert response.status_code == 200 and (await response.get_json())["live"] is False
+    assert (await client.get(f"/api/calls/{sid(1)}", headers=AUTH)).status_code == 503  # not held: unknown
+    listing = await client.get("/api/calls", headers=AUTH)
+    assert listing.status_code == 503  # the list needs the database...
+    body = await listing.get_json()
+    assert [c["call_sid"] for c in body["calls"]] == [held_sid]  # ...but says what this instance holds
+    assert body["calls"][0]["live"] is False and body["live"] == []

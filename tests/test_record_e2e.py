@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 import trio
 
 from bridge.records import webhook as webhook_module
+from bridge.records.backends import Backend
 from tests.harness import API_KEY, Running, running_bridge
 from tests.pg import PostgresServer
 from tools.fake_agent import FakeAgentConfig
@@ -24,14 +27,61 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 async def stored_record(bridge: Running, call_sid: str, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The call's record once it is written (the store answers for a held one before)."""
     store = bridge.app.record_store
     assert store is not None
     with trio.fail_after(timeout_s):
         while True:
-            record = await store.get(call_sid) if store.ready.is_set() else None
+            written = store.ready.is_set() and store.held(call_sid) is None
+            record = await store.get(call_sid) if written else None
             if record is not None:
                 return record
             await trio.sleep(0.05)
+
+
+@dataclass
+class Look:
+    """One look at the API while a call ends: GET /api/calls/<sid> and GET /api/calls."""
+
+    held: bool  # the store held the finished record just before the look
+    get_status: int
+    get_live: bool | None
+    list_status: int
+    listed: list[bool]  # the ``live`` of each entry of the call in the list's ``calls``
+
+
+async def watch_the_call_end(bridge: Running, after_stored: int = 5) -> tuple[str, list[Look]]:
+    """From the moment the call is live until its record has been written (and ``after_stored``
+    looks more): look at the API as fast as it answers, one look after another."""
+    records, store = bridge.app.records, bridge.app.record_store
+    assert records is not None and store is not None
+    with trio.fail_after(30):
+        while not records.live_count():
+            await trio.sleep(0.01)
+    call_sid = str(records.live_summaries()[0]["call_sid"])
+    looks: list[Look] = []
+    left = after_stored
+    async with httpx.AsyncClient(base_url=bridge.http_base, headers=AUTH, timeout=30) as http:
+        with trio.fail_after(120):
+            while left:
+                held = store.held(call_sid) is not None
+                written = records.live(call_sid) is None and not held
+                one = await http.get(f"/api/calls/{call_sid}")
+                many = await http.get("/api/calls")
+                calls = many.json().get("calls", [])
+                listed = [bool(c["live"]) for c in calls if c["call_sid"] == call_sid]
+                looks.append(Look(held, one.status_code, one.json().get("live"), many.status_code, listed))
+                left -= written
+    return call_sid, looks
+
+
+def check_never_missing(looks: list[Look]) -> None:
+    """Every look found the call (never a 404), live then not live, and listed exactly once."""
+    assert [k.get_status for k in looks] == [200] * len(looks), looks
+    lives = [k.get_live for k in looks]
+    assert lives[0] is True and lives[-1] is False and lives == sorted(lives, reverse=True), lives
+    assert all(len(k.listed) == 1 for k in looks), [k.listed for k in looks]
+    assert any(k.held and k.get_live is False for k in looks), "no look fell between the call's end and its row"
 
 
 def greeting_started(live: list[dict[str, Any]]) -> bool:
@@ -128,6 +178,44 @@ async def test_a_call_leaves_a_record_in_postgresql(pg_url: str) -> None:
         check_record(await stored_record(bridge, result.call_sid), result.call_sid)
 
 
+class SlowWrites:
+    """A backend whose writes take ``delay_s`` longer (a slow database): the window between a
+    call's end and its row being written is then wide enough to look into many times."""
+
+    def __init__(self, backend: Backend, delay_s: float) -> None:
+        self._backend = backend
+        self.delay_s = delay_s
+
+    def write(self, record: dict[str, Any]) -> None:
+        time.sleep(self.delay_s)  # in the writer's worker thread, as a slow database is
+        self._backend.write(record)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+async def test_a_finished_call_is_readable_at_every_moment_until_its_record_is_written() -> None:
+    config = FakeAgentConfig(api_key=API_KEY, vad=False)
+    async with running_bridge(agent_config=config, env={"CONSOLE_TOKEN": TOKEN}) as bridge:
+        store = bridge.app.record_store
+        assert store is not None
+        store.backend = SlowWrites(store.backend, 1.5)  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            watched: dict[str, Any] = {}
+
+            async def watch() -> None:
+                watched["sid"], watched["looks"] = await watch_the_call_end(bridge)
+
+            nursery.start_soon(watch)
+            with trio.fail_after(60):
+                result = await bridge.twilio.call(CallPlan(speed=2.0, hangup_after_s=3.0))
+        assert watched["sid"] == result.call_sid
+        check_never_missing(watched["looks"])
+        stored = await stored_record(bridge, result.call_sid)
+        async with httpx.AsyncClient(base_url=bridge.http_base, headers=AUTH) as http:
+            assert (await http.get(f"/api/calls/{result.call_sid}")).json() == stored
+
+
 async def test_api_404_without_token_401_wrong_token_and_live_true_during_the_call() -> None:
     config = FakeAgentConfig(api_key=API_KEY, vad=False)
     async with running_bridge(agent_config=config) as bridge, httpx.AsyncClient(base_url=bridge.http_base) as http:
@@ -180,11 +268,18 @@ async def test_the_database_stopped_mid_call_costs_the_call_nothing_and_the_reco
     pg_url: str, postgres_server: PostgresServer
 ) -> None:
     config = FakeAgentConfig(api_key=API_KEY, vad=False)
-    async with running_bridge(agent_config=config, env={"RECORDS_URL": pg_url}) as bridge:
+    env = {"RECORDS_URL": pg_url, "CONSOLE_TOKEN": TOKEN}
+    async with running_bridge(agent_config=config, env=env) as bridge, trio.open_nursery() as watching:
         store = bridge.app.record_store
         assert store is not None
         with trio.fail_after(20):
             await store.ready.wait()
+        watched: dict[str, Any] = {}
+
+        async def watch() -> None:  # the API, from the call's start until its record is written
+            watched["sid"], watched["looks"] = await watch_the_call_end(bridge)
+
+        watching.start_soon(watch)
 
         async def stop_database_mid_call() -> None:
             session = await bridge.agent.wait_for_session(1)
@@ -202,9 +297,25 @@ async def test_the_database_stopped_mid_call_costs_the_call_nothing_and_the_reco
             while store.up:
                 await trio.sleep(0.05)
         assert store.pending == 1
+        # The database is down and the record held: this instance still gives it whole, and
+        # the list's 503 names it.
+        async with httpx.AsyncClient(base_url=bridge.http_base, headers=AUTH, timeout=30) as http:
+            held = await http.get(f"/api/calls/{result.call_sid}")
+            listing = await http.get("/api/calls")
+        assert held.status_code == 200 and held.json()["live"] is False
+        check_record(held.json(), result.call_sid)
+        assert listing.status_code == 503 and [c["call_sid"] for c in listing.json()["calls"]] == [result.call_sid]
         await trio.to_thread.run_sync(postgres_server.start)
         record = await stored_record(bridge, result.call_sid, timeout_s=60)
         check_record(record, result.call_sid)
+        assert record == held.json()
+        with trio.fail_after(60):
+            while "looks" not in watched:
+                await trio.sleep(0.05)
+        assert watched["sid"] == result.call_sid
+        looks: list[Look] = watched["looks"]
+        check_never_missing(looks)
+        assert any(k.held and k.list_status == 503 and k.listed == [False] for k in looks)
         assert store.pending == 0
 
 

@@ -11,6 +11,16 @@ per outage and one line when it is back, and keeps ``bridge_records_pending``,
 Reads (the API) run in worker threads too, each under a deadline; a database error there is a
 :class:`StoreError` for the caller to answer (503), never a crash.
 
+Held records are readable: a finished record is in the queue from the moment the call ends
+(``Records`` hands it over in the same step as it leaves the live calls) until its row is
+committed, so :meth:`RecordStore.get` answers from the queue first and :meth:`RecordStore.list`
+adds the held records that match to the page where they belong; a record is never missing (no
+404 between "live" and "stored") and never listed twice (a held record whose row is already
+committed is listed once). While the database is down, ``get`` still answers for a held record
+without asking it, and :meth:`RecordStore.held_summaries` gives what this instance holds (the API
+adds it to its 503). Held records live in this process: another instance of a fleet sees a record
+once it is written; a record dropped from a full queue (or refused as unwritable) is gone.
+
 Cancellation of :meth:`RecordStore.run` (server shutdown): what is still queued gets one last,
 shielded attempt of at most ``FLUSH_S``; then the pool is closed.
 """
@@ -27,7 +37,8 @@ from typing import Any
 import trio
 
 from bridge.observe import Metrics
-from bridge.records.backends import Backend, Query, StoreError, open_backend
+from bridge.records.backends import Backend, Query, StoreError, open_backend, parse_cursor, started_epoch
+from bridge.records.record import search_text, summary
 
 log = logging.getLogger("bridge.records")
 
@@ -180,17 +191,37 @@ class RecordStore:
 
     # --- reading ------------------------------------------------------------------------------
 
+    def held(self, call_sid: str) -> dict[str, Any] | None:
+        """The newest finished record of ``call_sid`` not yet written (queued or being written)."""
+        found: dict[str, Any] | None = None
+        for record in self._pending:  # oldest first: the last match is the newest
+            if record.get("call_sid") == call_sid:
+                found = record
+        return found
+
+    def held_summaries(self, query: Query) -> list[dict[str, Any]]:
+        """Summaries of the held records that match ``query`` (its cursor included), newest first."""
+        found = [summary(r) for r in self._pending if held_matches(r, query)]
+        return sorted(found, key=_started_s, reverse=True)
+
     async def list(self, query: Query) -> tuple[list[dict[str, Any]], str | None]:
-        """Summaries, newest first, and the cursor of the next page (None at the end).
+        """Summaries, newest first, and the cursor of the next page (None at the end): the stored
+        rows of the page plus the held records that belong on it (so a page may have more than
+        ``query.limit`` entries; see :func:`merge_held`).
 
         Raises:
             StoreError: the database failed or did not answer within ``READ_DEADLINE_S``.
         """
-        result: tuple[list[dict[str, Any]], str | None] = await self._read(self.backend.list, query)
-        return result
+        held = self.held_summaries(query)  # before the read: a row committed meanwhile is deduplicated
+        stored, next_before = await self._read(self.backend.list, query)
+        return merge_held(stored, next_before, held), next_before
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
-        """The newest stored record of ``call_sid``, or None. Raises StoreError as :meth:`list`."""
+        """The newest record of ``call_sid``: a held one (without asking the database), else the
+        newest stored one, or None. Raises StoreError as :meth:`list`."""
+        held = self.held(call_sid)
+        if held is not None:
+            return held
         result: dict[str, Any] | None = await self._read(self.backend.get, call_sid)
         return result
 
@@ -229,6 +260,53 @@ class RecordStore:
             self.metrics.records_pending.set(len(self._pending))
 
 
+def _started_s(record: dict[str, Any]) -> float:
+    try:
+        return started_epoch(record)
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def held_matches(record: dict[str, Any], query: Query) -> bool:
+    """Whether a record (not in the database) answers ``query`` as its row would: outcome, the
+    ``since``/``until`` bounds and the cursor on ``started_at``, the text in the transcripts
+    (case-insensitive) or the exact CallSid."""
+    if query.outcome is not None and record.get("outcome") != query.outcome:
+        return False
+    started = _started_s(record)
+    if query.before is not None and started >= query.before[0]:
+        return False  # ties go to the earlier page: see merge_held
+    if query.since_s is not None and started < query.since_s:
+        return False
+    if query.until_s is not None and started >= query.until_s:
+        return False
+    if query.text:
+        text = query.text.replace("\x00", " ")  # as search_text (and the store) keep it
+        return query.text == record.get("call_sid") or text.casefold() in search_text(record).casefold()
+    return True
+
+
+def merge_held(
+    stored: list[dict[str, Any]], next_before: str | None, held: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One page: the stored summaries plus the held ones (already matched to the query, cursor
+    included) that belong on it, newest first.
+
+    A held record belongs on the page whose last row started no later than it did, or on the
+    last page: so walking the pages shows it exactly once, and once it is written it is on the
+    same page as a row. A held record whose row is already on the page (same CallSid and call
+    id: committed while we read) is listed once.
+    """
+    if next_before is not None:
+        last_started = parse_cursor(next_before)[0]
+        held = [h for h in held if _started_s(h) >= last_started]
+    if not held:
+        return stored
+    rows = {(s.get("call_sid"), s.get("call_id")) for s in stored}
+    extra = [h for h in held if (h.get("call_sid"), h.get("call_id")) not in rows]
+    return sorted(stored + extra, key=_started_s, reverse=True)  # stable: the rows keep their order
+
+
 def open_store(url: str, *, retention_days: int = 30, metrics: Metrics | None = None) -> RecordStore:
     """A store for ``RECORDS_URL`` (nothing is opened until :meth:`RecordStore.run`).
 
@@ -238,4 +316,4 @@ def open_store(url: str, *, retention_days: int = 30, metrics: Metrics | None = 
     return RecordStore(open_backend(url), retention_days=retention_days, metrics=metrics)
 
 
-__all__ = ["MAX_PENDING", "Query", "RecordStore", "StoreError", "open_store"]
+__all__ = ["MAX_PENDING", "Query", "RecordStore", "StoreError", "held_matches", "merge_held", "open_store"]

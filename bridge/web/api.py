@@ -10,6 +10,14 @@
 - ``GET /api/calls/<CallSid>``: the whole record; a live call gives its record so far with
   ``"live": true``.
 
+A finished call is readable at every moment: from its end until its row is written it is held in
+the store's queue, and both routes answer from there (``"live": false``; listed once, on the page
+where it belongs: ``bridge/records/store.py``). While the database is down, ``GET
+/api/calls/<CallSid>`` still answers for the calls this instance holds (their records are not
+lost, only not written yet), and the list's 503 carries ``calls``: this instance's live and held
+calls (the rest of the list needs the database); a call held by another instance of a fleet is
+readable once that instance has written it.
+
 Privacy and auth: without ``CONSOLE_TOKEN`` every ``/api/`` route answers 404 (transcripts are
 personal data). With it, a request needs ``Authorization: Bearer <CONSOLE_TOKEN>`` (compared in
 constant time) or a console session cookie; otherwise 401. Hostile input (a malformed CallSid,
@@ -30,7 +38,8 @@ from quart_trio import QuartTrio
 
 from bridge.phone.security import CALL_SID
 from bridge.records.backends import Query, StoreError, parse_cursor
-from bridge.records.record import search_text, summary
+from bridge.records.record import summary
+from bridge.records.store import held_matches
 
 if TYPE_CHECKING:
     from bridge.web.app import BridgeApp
@@ -94,20 +103,6 @@ def parse_query(args: Any) -> Query:
     return Query(limit=limit, before=before, outcome=outcome, since_s=since, until_s=until, text=text)
 
 
-def _matches(record: dict[str, Any], query: Query) -> bool:
-    if query.outcome is not None:
-        return False  # a live call has no outcome yet
-    started = datetime.fromisoformat(str(record["started_at"]).replace("Z", "+00:00")).timestamp()
-    if query.since_s is not None and started < query.since_s:
-        return False
-    if query.until_s is not None and started >= query.until_s:
-        return False
-    if query.text:
-        text = query.text.replace("\x00", " ")  # as search_text (and the store) keep it
-        return query.text == record.get("call_sid") or text.casefold() in search_text(record).casefold()
-    return True
-
-
 def _console_session_ok() -> bool:
     """A valid console session cookie also opens the API (the console's pages read it)."""
     try:
@@ -154,16 +149,19 @@ def register_api(quart: QuartTrio, app: BridgeApp) -> None:
         live: list[dict[str, Any]] = []
         service = records()
         if query.before is None and service is not None:
-            live = [summary(r) for r in service.live_records() if _matches(r, query)][: query.limit]
+            # (a live call has no outcome: an outcome filter leaves it out)
+            live = [summary(r) for r in service.live_records() if held_matches(r, query)][: query.limit]
+        live_sids = {s["call_sid"] for s in live}
         stored: list[dict[str, Any]] = []
         next_before = None
         if store() is not None:
-            try:
+            try:  # the store adds the finished records it still holds (no await before it looks)
                 stored, next_before = await store().list(query)
             except StoreError as exc:
                 log.warning("GET /api/calls: %s", exc)
-                return _json({"error": "the records database is not available", "live": live}, 503)
-        live_sids = {s["call_sid"] for s in live}
+                held = [s for s in store().held_summaries(query) if s.get("call_sid") not in live_sids]
+                body = {"error": "the records database is not available", "live": live, "calls": live + held}
+                return _json(body, 503)
         calls = live + [s for s in stored if s.get("call_sid") not in live_sids]
         return _json({"calls": calls, "next_before": next_before})
 
@@ -179,7 +177,7 @@ def register_api(quart: QuartTrio, app: BridgeApp) -> None:
         service = records()
         record = service.live(call_sid) if service is not None else None
         if record is None and store() is not None:
-            try:
+            try:  # a finished call's record is held by the store until written: get answers it first
                 record = await store().get(call_sid)
             except StoreError as exc:
                 log.warning("GET /api/calls/%s: %s", call_sid, exc)
