@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from bridge.fleet.shared import Admission, HangupRoute, SharedState, Verdict
+from bridge.fleet.ledger import KEPT_PER_CALL
+from bridge.fleet.shared import Admission, AmdResult, HangupRoute, SharedState, SignalRoute, Verdict
 
 __all__ = [
     "FakeClock",
@@ -34,6 +35,8 @@ __all__ = [
     "test_a_refusal_for_capacity_keeps_the_token_for_a_retry",
     "test_a_reservation_holds_its_slot_until_the_token_expires",
     "test_a_spent_token_is_refused_however_often_and_wherever",
+    "test_an_amd_result_reaches_the_holder_of_the_stream",
+    "test_an_amd_result_that_beat_the_stream_is_handed_to_its_admission",
     "test_concurrent_admissions_never_exceed_the_cap",
     "test_release_frees_the_slot_and_unknown_releases_are_harmless",
     "test_the_cap_holds_across_holders",
@@ -58,6 +61,7 @@ class Group:
     ended: list[list[tuple[str, str]]] = field(default_factory=list)  # end_call(call_id, reason) per state
     kill: Callable[[int], Awaitable[None]] | None = None  # the holder dies (its connection ends, its lease runs out)
     hung_up: list[list[str]] = field(default_factory=list)  # hang_up(call_sid) per state
+    delivered: list[list[AmdResult]] = field(default_factory=list)  # deliver(result) per state
 
 
 GroupFactory = Callable[[int, int], AbstractAsyncContextManager[Group]]
@@ -189,3 +193,45 @@ async def test_a_hang_up_request_reaches_the_holder_of_the_call(shared_group: Gr
         await a.release("c1")
         assert await b.request_hangup("CA1") is HangupRoute.UNKNOWN
         assert all(calls == [] or calls == ["CA1"] for calls in g.hung_up)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    with trio.fail_after(2):
+        while not check():
+            await trio.sleep(0.001)
+
+
+async def test_an_amd_result_reaches_the_holder_of_the_stream(shared_group: GroupFactory) -> None:
+    async with shared_group(5, 2) as g:
+        a, b = g.states
+        assert (await _admit(a, "t1", "c1", "CA1")).verdict is Verdict.ADMITTED
+        human = AmdResult("CA1", "human", 1830)
+        assert await a.deliver_amd(human) is SignalRoute.HERE  # the caller publishes it itself
+        if not g.separate:
+            return
+        assert await b.deliver_amd(human) is SignalRoute.SENT
+        await _until(lambda: bool(g.delivered[0]))
+        assert g.delivered == [[human], []]
+        await a.release("c1")
+        assert await b.deliver_amd(human) is SignalRoute.KEPT  # nobody holds it now
+        assert g.delivered == [[human], []]
+
+
+async def test_an_amd_result_that_beat_the_stream_is_handed_to_its_admission(shared_group: GroupFactory) -> None:
+    async with shared_group(5, 2) as g:
+        a, b = g.states
+        results = [AmdResult("CA2", "machine_end_beep", 1830 + i) for i in range(KEPT_PER_CALL + 2)]
+        routes = [await b.deliver_amd(result) for result in results]
+        if not g.separate:
+            # One process is the whole scope: its CallSignals keeps what beat the stream.
+            assert set(routes) == {SignalRoute.HERE}
+            return
+        assert set(routes) == {SignalRoute.KEPT}
+        assert (await _admit(a, "t1", "c1", "CA1")).verdict is Verdict.ADMITTED  # another CallSid's
+        assert (await _admit(a, "t1", "c2", "CA2")).verdict is Verdict.REPLAYED  # a refused stream takes nothing
+        assert g.delivered == [[], []]
+        assert (await _admit(a, "t2", "c2", "CA2")).verdict is Verdict.ADMITTED
+        # Handed over before admit returned, bounded, oldest first; and only once.
+        assert g.delivered == [results[:KEPT_PER_CALL], []]
+        assert (await _admit(b, "t3", "c3", "CA2")).verdict is Verdict.ADMITTED
+        assert g.delivered == [results[:KEPT_PER_CALL], []]

@@ -16,7 +16,7 @@ import trio.lowlevel
 
 from bridge.fleet.parent import Authority, ParentState
 from bridge.fleet.redis_state import RedisState
-from bridge.fleet.shared import InProcessState, SharedState
+from bridge.fleet.shared import AmdResult, InProcessState, SharedState
 from tests.redis import redis_server
 from tests.shared_state_contract import *  # noqa: F403 - the contract's tests, collected here
 from tests.shared_state_contract import FakeClock, Group, GroupFactory
@@ -30,8 +30,10 @@ async def in_process(max_calls: int, holders: int) -> AsyncIterator[Group]:
     state = InProcessState(max_calls, clock=clock)
     ended: list[tuple[str, str]] = []
     hung_up: list[str] = []
-    await state.run(lambda call_id, reason: ended.append((call_id, reason)), hung_up.append)
-    yield Group([state] * holders, clock, separate=False, ended=[ended] * holders, hung_up=[hung_up] * holders)
+    delivered: list[AmdResult] = []
+    await state.run(lambda call_id, reason: ended.append((call_id, reason)), hung_up.append, delivered.append)
+    yield Group([state] * holders, clock, separate=False, ended=[ended] * holders, hung_up=[hung_up] * holders,
+                delivered=[delivered] * holders)
 
 
 @asynccontextmanager
@@ -43,31 +45,33 @@ async def parent(max_calls: int, holders: int) -> AsyncIterator[Group]:
         states: list[SharedState] = []
         ended: list[list[tuple[str, str]]] = []
         hung_up: list[list[str]] = []
+        delivered: list[list[AmdResult]] = []
         workers: list[trio.CancelScope] = []
         for i in range(holders):
             ours, theirs = socket.socketpair()
             nursery.start_soon(authority.serve_worker, f"w{i}", trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
             state, log, hangups = ParentState(theirs), list[tuple[str, str]](), list[str]()
-            scope = trio.CancelScope()
+            amd, scope = list[AmdResult](), trio.CancelScope()
 
             async def run_worker(state: ParentState, log: list[tuple[str, str]], hangups: list[str],
-                                 scope: trio.CancelScope,
+                                 amd: list[AmdResult], scope: trio.CancelScope,
                                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 with scope:
                     await state.run(lambda call_id, reason: log.append((call_id, reason)), hangups.append,
-                                    task_status=task_status)
+                                    amd.append, task_status=task_status)
 
-            await nursery.start(run_worker, state, log, hangups, scope)
+            await nursery.start(run_worker, state, log, hangups, amd, scope)
             states.append(state)
             ended.append(log)
             hung_up.append(hangups)
+            delivered.append(amd)
             workers.append(scope)
 
         async def kill(i: int) -> None:
             workers[i].cancel()  # its run() closes the socket, as the kernel does for a dead process
             await trio.lowlevel.checkpoint()
 
-        yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up)
+        yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up, delivered=delivered)
         nursery.cancel_scope.cancel()
 
 
@@ -81,24 +85,27 @@ async def redis(max_calls: int, holders: int) -> AsyncIterator[Group]:
             states: list[SharedState] = []
             ended: list[list[tuple[str, str]]] = []
             hung_up: list[list[str]] = []
+            delivered: list[list[AmdResult]] = []
             scopes: list[trio.CancelScope] = []
             for i in range(holders):
                 state = RedisState.from_url(server.url, max_calls=1000, cluster_max_calls=max_calls,
                                             lease_s=LEASE_S, instance=f"i{i}", clock=clock)  # fmt: skip
                 log, hangups, scope = list[tuple[str, str]](), list[str](), trio.CancelScope()
+                amd = list[AmdResult]()
 
                 async def run_instance(state: RedisState, log: list[tuple[str, str]], hangups: list[str],
-                                       scope: trio.CancelScope,
+                                       amd: list[AmdResult], scope: trio.CancelScope,
                                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                     with scope:
                         await state.run(lambda call_id, reason: log.append((call_id, reason)), hangups.append,
-                                        task_status=task_status)
+                                        amd.append, task_status=task_status)
 
-                await nursery.start(run_instance, state, log, hangups, scope)
+                await nursery.start(run_instance, state, log, hangups, amd, scope)
                 assert state.up
                 states.append(state)
                 ended.append(log)
                 hung_up.append(hangups)
+                delivered.append(amd)
                 scopes.append(scope)
 
             async def kill(i: int) -> None:
@@ -106,7 +113,8 @@ async def redis(max_calls: int, holders: int) -> AsyncIterator[Group]:
                 await trio.lowlevel.checkpoint()
                 clock.now += LEASE_S + 0.5
 
-            yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up)
+            yield Group(states, clock, separate=True, ended=ended, kill=kill, hung_up=hung_up,
+                        delivered=delivered)
             nursery.cancel_scope.cancel()
 
 

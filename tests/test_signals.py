@@ -96,3 +96,34 @@ def test_a_full_channel_drops_the_newest_and_counts_it() -> None:
     assert not signals.publish(amd("fax"))
     assert sub.dropped == 1 and signals.dropped == 1
     sub.close()
+
+
+def test_the_authoritys_kept_results_are_bounded_expire_and_are_taken_once() -> None:
+    from bridge.fleet.ledger import KEPT_PER_CALL, KeptSignals
+
+    kept = KeptSignals(ttl_s=60.0, max_calls=2)
+    for i in range(KEPT_PER_CALL + 1):
+        kept.keep(SID, {"n": i}, now=1000.0)
+    assert kept.dropped == 1
+    kept.keep(OTHER, {"n": "other"}, now=1010.0)
+    kept.keep("CA3", {"n": "third"}, now=1020.0)  # a third CallSid evicts the oldest
+    assert kept.dropped == 2 and len(kept) == 2
+    assert kept.take(SID, now=1020.0) == []
+    assert kept.take("CA3", now=1020.0) == [{"n": "third"}]
+    assert kept.take("CA3", now=1020.0) == []  # taken once
+    assert kept.take(OTHER, now=1070.0) == []  # 60 s after it was kept: expired
+    kept.keep(SID, {"n": 0}, now=2000.0)
+    assert kept.take(SID, now=2059.0) == [{"n": 0}]
+
+
+def test_the_parent_refuses_a_malformed_amd_request() -> None:
+    from bridge.fleet.parent import Authority
+
+    authority = Authority(5, clock=lambda: 1000.0)
+    good = {"id": 1, "op": "amd", "call_sid": SID, "answered_by": "human", "detection_ms": 1200}
+    assert authority.answer("w0", good) == {"id": 1, "route": "kept"}
+    for bad in ({"detection_ms": "12"}, {"detection_ms": -1}, {"answered_by": ""}, {"call_sid": 7}):
+        assert authority.answer("w0", good | bad | {"id": 2}) == {"id": 2, "error": "bad request"}
+    admitted = authority.answer("w1", {"id": 3, "op": "admit", "token": "t", "call_id": "c1", "call_sid": SID,
+                                       "expires_at": 1060.0})
+    assert admitted["amd"] == [{"call_sid": SID, "answered_by": "human", "detection_ms": 1200}]

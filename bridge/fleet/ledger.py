@@ -190,3 +190,53 @@ class Ledger:
             expires_at, token = heapq.heappop(queue)
             if self._redeemed.get(token) == expires_at:
                 del self._redeemed[token]
+
+
+class KeptSignals:
+    """Out-of-band results (the AMD callback) that beat their call's stream, per CallSid, until
+    that stream's admission takes them (pure; ``now`` in wall-clock seconds).
+
+    Bounds: at most ``max_calls`` CallSids (a new one evicts the oldest, counted in
+    ``dropped``), :data:`KEPT_PER_CALL` items each (more are dropped, counted), each CallSid's
+    items forgotten ``ttl_s`` after the first was kept (a stream token's life: a stream that has
+    not opened by then never will).
+    """
+
+    def __init__(self, *, ttl_s: float = 60.0, max_calls: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_calls = max_calls
+        self._kept: dict[str, tuple[float, list[dict[str, object]]]] = {}  # insertion-ordered: oldest first
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, call_sid: str, item: dict[str, object], now: float) -> None:
+        self._expire(now)
+        entry = self._kept.get(call_sid)
+        if entry is None:
+            while len(self._kept) >= self.max_calls:
+                del self._kept[next(iter(self._kept))]
+                self.dropped += 1
+            self._kept[call_sid] = (now, [item])
+        elif len(entry[1]) < KEPT_PER_CALL:
+            entry[1].append(item)
+        else:
+            self.dropped += 1
+
+    def take(self, call_sid: str, now: float) -> list[dict[str, object]]:
+        """What was kept for ``call_sid`` (oldest first), and forget it."""
+        self._expire(now)
+        entry = self._kept.pop(call_sid, None)
+        return entry[1] if entry else []
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.ttl_s
+        while self._kept:
+            call_sid = next(iter(self._kept))
+            if self._kept[call_sid][0] > cutoff:
+                break
+            del self._kept[call_sid]
+
+
+KEPT_PER_CALL = 4  # a call gets one AMD result; a retry or two at most

@@ -11,16 +11,23 @@ JSON object::
                        "call_sid": "CA...", "expires_at": 1767000000}
                       {"id": 9, "op": "release", "call_id": "c-1a2b3c4d"}
                       {"id": 10, "op": "hangup", "call_sid": "CA..."}
+                      {"id": 12, "op": "amd", "call_sid": "CA...", "answered_by": "human",
+                       "detection_ms": 1830}
     parent -> worker  {"id": 7, "ok": true}
-                      {"id": 8, "verdict": "admitted", "replaces": null}
+                      {"id": 8, "verdict": "admitted", "replaces": null, "amd": [...]}
+                            ("amd", when any: the AMD results kept for the CallSid)
                       {"id": 9, "ok": true}
                       {"id": 10, "route": "sent"}          (here | sent | unknown)
+                      {"id": 12, "route": "kept"}          (here | sent | kept)
                       {"id": 11, "error": "bad request"}
                       {"push": "end", "call_id": "c-...", "reason": "..."}   (unsolicited)
                       {"push": "hangup", "call_sid": "CA..."}               (unsolicited)
+                      {"push": "amd", "call_sid": "CA...", "answered_by": "...", "detection_ms": 1830}
 
 The parent uses its own clock. When a worker's socket reaches EOF (it exited, or was killed with
 SIGKILL), the parent frees every slot that worker held; tokens it redeemed stay redeemed. A
+AMD result for a CallSid with no live stream is kept by the parent (bounded, for
+:data:`~bridge.fleet.shared.KEPT_TTL_S`) and handed over in the answer to that CallSid's admission. A
 worker whose parent is gone (or silent past :data:`REQUEST_DEADLINE_S`) fails closed: streams
 are refused with 503 and webhooks answer busy, until ``drain_when_orphaned`` ends the worker.
 """
@@ -40,8 +47,20 @@ from typing import Any
 import orjson
 import trio
 
-from bridge.fleet.ledger import Ledger, Verdict
-from bridge.fleet.shared import Admission, EndCall, HangUp, HangupRoute, SharedStateUnavailable
+from bridge.fleet.ledger import KeptSignals, Ledger, Verdict
+from bridge.fleet.shared import (
+    KEPT_TTL_S,
+    Admission,
+    AmdResult,
+    Deliver,
+    EndCall,
+    HangUp,
+    HangupRoute,
+    SharedStateUnavailable,
+    SignalRoute,
+    amd_from_wire,
+    amd_to_wire,
+)
 
 log = logging.getLogger("bridge.fleet")
 
@@ -99,6 +118,7 @@ class Authority:
 
     def __init__(self, max_calls: int, clock: Callable[[], float] = time.time) -> None:
         self.ledger = Ledger(max_calls)
+        self.kept = KeptSignals(ttl_s=KEPT_TTL_S)  # AMD results that beat their stream
         self._clock = clock
         self._outboxes: dict[str, trio.MemorySendChannel[bytes]] = {}
 
@@ -167,8 +187,11 @@ class Authority:
                 if replaces is not None and replaces.holder != holder:
                     self._push_end(replaces.holder, replaces.call_id)
                     replaces = None
-                return {"id": request_id, "verdict": decision.verdict.value,
-                        "replaces": replaces.call_id if replaces else None}
+                admitted = decision.verdict is Verdict.ADMITTED
+                kept = self.kept.take(_str(message, "call_sid"), now) if admitted else []
+                answer = {"id": request_id, "verdict": decision.verdict.value,
+                          "replaces": replaces.call_id if replaces else None}
+                return answer | {"amd": kept} if kept else answer
             if op == "release":
                 return {"id": request_id, "ok": self.ledger.release(holder, _str(message, "call_id"))}
             if op == "hangup":
@@ -182,10 +205,25 @@ class Authority:
                     sent = self._push(ref.holder, {"push": "hangup", "call_sid": call_sid})
                     route = HangupRoute.SENT if sent else HangupRoute.UNKNOWN
                 return {"id": request_id, "route": route.value}
+            if op == "amd":
+                return {"id": request_id, "route": self._route_amd(holder, message, now).value}
             raise ValueError(f"unknown op {op!r}")
         except (KeyError, TypeError, ValueError) as exc:
             log.error("%s sent a bad shared-state request (%s): refused", holder, exc)
             return {"id": request_id, "error": "bad request"}
+
+    def _route_amd(self, holder: str, message: dict[str, Any], now: float) -> SignalRoute:
+        call_sid = _str(message, "call_sid")
+        item = amd_to_wire(AmdResult(call_sid, _str(message, "answered_by"), _ms(message)))
+        ref = self.ledger.live_call(call_sid)
+        if ref is not None and ref.holder == holder:
+            return SignalRoute.HERE
+        if ref is not None:
+            if self._push(ref.holder, {"push": "amd", **item}):
+                return SignalRoute.SENT
+            log.warning("could not send call %s's AMD result to %s (its outbox is full): kept", call_sid, ref.holder)
+        self.kept.keep(call_sid, item, now)
+        return SignalRoute.KEPT
 
     def _push_end(self, holder: str, call_id: str) -> None:
         message = {"push": "end", "call_id": call_id, "reason": "a newer stream for its CallSid was admitted"}
@@ -223,6 +261,15 @@ def _str(message: dict[str, Any], key: str) -> str:
     return value
 
 
+def _ms(message: dict[str, Any]) -> int | None:
+    value = message.get("detection_ms")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**9:
+        raise ValueError("detection_ms must be a whole number of milliseconds or null")
+    return value
+
+
 def _num(message: dict[str, Any]) -> float:
     value = message["expires_at"]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -257,6 +304,7 @@ class ParentState:
         # the answer turns out to be "admitted". Only a parent slower than the deadline adds
         # entries, and such a parent is about to be declared gone; capped all the same.
         self._late_admits: dict[int, str] = {}
+        self._on_amd: Deliver | None = None
 
     @property
     def up(self) -> bool:
@@ -266,10 +314,12 @@ class ParentState:
         self,
         end_call: EndCall,
         hang_up: HangUp | None = None,
+        deliver: Deliver | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Read the parent's answers and pushes until it goes away. Closes the socket."""
+        self._on_amd = deliver
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(self._sock))
         self._connected = True
         reader = FrameReader()
@@ -306,6 +356,9 @@ class ParentState:
                 log.warning("asked to hang up call %s, but this worker has no call control", call_sid)
             else:
                 hang_up(call_sid)
+            return
+        if message.get("push") == "amd":
+            self._hand_over([message])
             return
         request_id = message.get("id")
         waiter = self._waiting.pop(request_id, None) if isinstance(request_id, int) else None
@@ -388,7 +441,29 @@ class ParentState:
         except ValueError:
             raise SharedStateUnavailable(f"the WORKERS parent answered {answer!r}") from None
         replaces = answer.get("replaces")
+        kept = answer.get("amd")
+        if verdict is Verdict.ADMITTED and isinstance(kept, list) and kept:
+            self._hand_over(kept)
         return Admission(verdict, replaces if isinstance(replaces, str) else None)
+
+    def _hand_over(self, items: list[Any]) -> None:
+        """AMD results from the parent (sent by another worker's webhook, or kept for a stream
+        being admitted here) to this worker's calls."""
+        for item in items:
+            result = amd_from_wire(item)
+            if result is None:
+                log.error("the WORKERS parent sent an unreadable AMD result: %.80r", item)
+            elif self._on_amd is None:
+                log.warning("call %s: an AMD result arrived, but this worker takes none", result.call_sid)
+            else:
+                self._on_amd(result)
+
+    async def deliver_amd(self, result: AmdResult) -> SignalRoute:
+        answer = await self._request({"op": "amd", **amd_to_wire(result)})
+        try:
+            return SignalRoute(answer.get("route"))
+        except ValueError:
+            raise SharedStateUnavailable(f"the WORKERS parent answered {answer!r}") from None
 
     async def release(self, call_id: str) -> None:
         try:

@@ -16,9 +16,14 @@ Cluster: the scripts touch keys they compute):
   stream, with the lease's TTL. Admitting a newer stream for a CallSid points it at the newer one
   and tells the older instance to end its call.
 - ``vab:inbox:<instance>`` — a list of JSON messages to one instance (``end``: a call replaced
-  by a newer stream; ``hangup``: the console's End call, received by another instance). Capped at
+  by a newer stream; ``hangup``: the console's End call, received by another instance; ``amd``:
+  Twilio's AMD result for one of its calls, received by another instance). Capped at
   :data:`INBOX_MAX` (oldest dropped) and expiring two leases after its last message, so a dead
   instance's inbox goes away. The instance reads it with BLPOP.
+- ``vab:amd:<CallSid>`` — AMD results that beat their CallSid's stream (JSON, at most
+  :data:`~bridge.fleet.ledger.KEPT_PER_CALL`, expiring :data:`~bridge.fleet.shared.KEPT_TTL_S`
+  after the last): the admit script takes them atomically with the registration, and the
+  admitting instance hands them to the call.
 
 Redis is touched at admission, teardown and lease renewal only, never per frame. Every Redis
 call has a deadline (:data:`REDIS_DEADLINE_S`). Times in Redis are the instances' wall clocks
@@ -50,8 +55,20 @@ from typing import Any, TypeVar
 import orjson
 import trio
 
-from bridge.fleet.ledger import Ledger, Verdict
-from bridge.fleet.shared import Admission, EndCall, HangUp, HangupRoute, SharedStateUnavailable
+from bridge.fleet.ledger import KEPT_PER_CALL, Ledger, Verdict
+from bridge.fleet.shared import (
+    KEPT_TTL_S,
+    Admission,
+    AmdResult,
+    Deliver,
+    EndCall,
+    HangUp,
+    HangupRoute,
+    SharedStateUnavailable,
+    SignalRoute,
+    amd_from_wire,
+    amd_to_wire,
+)
 
 log = logging.getLogger("bridge.fleet")
 
@@ -76,8 +93,9 @@ redis.call('ZADD', KEYS[1], score, ARGV[4])
 return 1
 """
 
-# KEYS: slots, token, sid. ARGV: now, token expiry, cap, call member, reservation member,
-# registry value, lease, this instance, inbox prefix, inbox max.
+# KEYS: slots, token, sid, kept AMD results. ARGV: now, token expiry, cap, call member,
+# reservation member, registry value, lease, this instance, inbox prefix, inbox max.
+# Admitted: {'admitted', this instance's older call id or '', the kept AMD results...}.
 _ADMIT = """
 local now, exp, cap, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[7])
 local spent = redis.call('GET', KEYS[2])
@@ -87,13 +105,17 @@ local reserved = redis.call('ZREM', KEYS[1], ARGV[5])
 if reserved == 0 and cap > 0 and redis.call('ZCARD', KEYS[1]) >= cap then return {'full', ''} end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', math.max(1, math.ceil((exp - now) * 1000)) + 1000)
 redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
+local kept = redis.call('LRANGE', KEYS[4], 0, -1)
+redis.call('DEL', KEYS[4])
+local answer = {'admitted', ''}
+for _, item in ipairs(kept) do table.insert(answer, item) end
 local older = redis.call('GET', KEYS[3])
 redis.call('SET', KEYS[3], ARGV[6], 'PX', math.ceil(lease * 1000))
 if older and older ~= ARGV[6] then
   local nl = string.find(older, '\\n', 1, true)
   if nl then
     local holder, call_id = string.sub(older, 1, nl - 1), string.sub(older, nl + 1)
-    if holder == ARGV[8] then return {'admitted', call_id} end
+    if holder == ARGV[8] then answer[2] = call_id; return answer end
     local inbox = ARGV[9] .. holder
     redis.call('RPUSH', inbox, cjson.encode({op = 'end', call_id = call_id,
       reason = 'a newer stream for its CallSid was admitted on another instance'}))
@@ -101,7 +123,7 @@ if older and older ~= ARGV[6] then
     redis.call('PEXPIRE', inbox, math.ceil(lease * 2000))
   end
 end
-return {'admitted', ''}
+return answer
 """
 
 # KEYS: slots, sid. ARGV: call member, registry value.
@@ -159,6 +181,26 @@ redis.call('RPUSH', inbox, cjson.encode({op = 'hangup', call_sid = ARGV[5], call
 redis.call('LTRIM', inbox, -tonumber(ARGV[3]), -1)
 redis.call('PEXPIRE', inbox, math.ceil(tonumber(ARGV[4]) * 2000))
 return 'sent'
+"""
+
+
+# KEYS: sid, kept AMD results. ARGV: this instance, inbox prefix, inbox max, lease, the
+# result (an inbox message, op 'amd'), kept TTL (ms), kept max.
+_AMD = """
+local value = redis.call('GET', KEYS[1])
+local nl = value and string.find(value, '\\n', 1, true)
+if nl then
+  local holder = string.sub(value, 1, nl - 1)
+  if holder == ARGV[1] then return 'here' end
+  local inbox = ARGV[2] .. holder
+  redis.call('RPUSH', inbox, ARGV[5])
+  redis.call('LTRIM', inbox, -tonumber(ARGV[3]), -1)
+  redis.call('PEXPIRE', inbox, math.ceil(tonumber(ARGV[4]) * 2000))
+  return 'sent'
+end
+if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[7]) then redis.call('RPUSH', KEYS[2], ARGV[5]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return 'kept'
 """
 
 
@@ -224,6 +266,7 @@ class RedisState:
         self._recovered = trio.Event()  # set while up (replaced at each outage)
         self._lost = trio.Event()  # set while down (replaced at each recovery)
         self._scripts: dict[str, Any] = {}
+        self._on_amd: Deliver | None = None
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisState:
@@ -253,17 +296,19 @@ class RedisState:
         self,
         end_call: EndCall,
         hang_up: HangUp | None = None,
+        deliver: Deliver | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Enter the client, try Redis once (start-up is not held up by an outage: the state
         starts down and recovers), then renew leases and read this instance's inbox until
         cancelled."""
+        self._on_amd = deliver
         async with self._client, trio.open_nursery() as nursery:
             self._scripts = {
                 name: self._client.register_script(body)
                 for name, body in (("reserve", _RESERVE), ("admit", _ADMIT), ("release", _RELEASE),
-                                   ("renew", _RENEW), ("hangup", _HANGUP))
+                                   ("renew", _RENEW), ("hangup", _HANGUP), ("amd", _AMD))
             }  # fmt: skip
             self._running = True
             try:
@@ -307,13 +352,14 @@ class RedisState:
             return Admission(verdict)
         call = _Call(call_sid, f"c|{self.instance}|{call_id}", f"{self.instance}\n{call_id}")
         cluster_replaces: str | None = None
+        kept: list[Any] = []
         if self._up:
             self._pending += 1
             try:
                 with trio.CancelScope(shield=True):
                     answer = await self._call(
                         "admit",
-                        [_SLOTS, self._token_key(token), _PREFIX + "sid:" + call_sid],
+                        [_SLOTS, self._token_key(token), _PREFIX + "sid:" + call_sid, _PREFIX + "amd:" + call_sid],
                         [now, expires_at, self.cluster_max_calls, call.member, "r|" + _digest(token),
                          call.registry, self.lease_s, self.instance, _PREFIX + "inbox:", INBOX_MAX],
                     )  # fmt: skip
@@ -326,6 +372,7 @@ class RedisState:
                 if answer[0] != Verdict.ADMITTED.value:
                     return Admission(Verdict(answer[0]))
                 cluster_replaces = answer[1] or None
+                kept = list(answer[2:])
         decision = self.local.admit(
             self.HOLDER, token, call_id=call_id, call_sid=call_sid, expires_at=expires_at, now=now
         )
@@ -341,6 +388,8 @@ class RedisState:
             with trio.CancelScope(shield=True):
                 await self.release(call_id)
             raise
+        for raw in kept:
+            self._hand_over(raw)
         local_replaces = decision.replaces.call_id if decision.replaces else None
         return Admission(Verdict.ADMITTED, cluster_replaces or local_replaces)
 
@@ -364,6 +413,36 @@ class RedisState:
             self._went_down(str(exc))
             raise
         return HangupRoute(route)
+
+    async def deliver_amd(self, result: AmdResult) -> SignalRoute:
+        if self.local.live_call(result.call_sid) is not None:
+            return SignalRoute.HERE
+        if not self._up:
+            raise SharedStateUnavailable("Redis is unreachable: cannot find which instance holds the call")
+        message = orjson.dumps({"op": "amd", **amd_to_wire(result)}).decode()
+        try:
+            route = await self._call(
+                "amd", [_PREFIX + "sid:" + result.call_sid, _PREFIX + "amd:" + result.call_sid],
+                [self.instance, _PREFIX + "inbox:", INBOX_MAX, self.lease_s, message,
+                 math.ceil(KEPT_TTL_S * 1000), KEPT_PER_CALL],
+            )  # fmt: skip
+        except SharedStateUnavailable as exc:
+            self._went_down(str(exc))
+            raise
+        return SignalRoute(route)
+
+    def _hand_over(self, raw: str) -> None:
+        """An AMD result (an inbox message, or kept for a stream admitted here) to our call."""
+        try:
+            result = amd_from_wire(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            result = None
+        if result is None:
+            log.error("ignored an unreadable AMD result from Redis: %.80r", raw)
+        elif self._on_amd is None:
+            log.warning("call %s: an AMD result arrived, but this instance takes none", result.call_sid)
+        else:
+            self._on_amd(result)
 
     # --- background ---------------------------------------------------------------------------
 
@@ -432,6 +511,8 @@ class RedisState:
                 log.warning("asked to hang up call %s, but this instance has no call control", call_sid)
             else:
                 hang_up(call_sid)
+        elif op == "amd":
+            self._hand_over(raw)
         else:
             log.error("ignored a message of unknown op %.40r in %s", op, self._inbox)
 

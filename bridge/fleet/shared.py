@@ -9,6 +9,11 @@ It is asked at admission and teardown only, never per frame:
 - ``release`` — teardown frees the slot;
 - ``request_hangup`` — call control from any process: where is this CallSid's live call? If it
   is on another process, that process is asked to hang it up (through its Twilio REST client);
+- ``deliver_amd`` — Twilio's AMD callback, received by any process: handed to the process that
+  holds (or will hold) the CallSid's stream. Here: the caller publishes it itself; another
+  process: sent there (its ``deliver``); no stream anywhere yet (the callback beat it): kept by
+  the authority, bounded and expiring, and handed to ``deliver`` of the process whose
+  admission of that CallSid's stream takes it, before ``admit`` returns;
 - ``up`` — health, for metrics and readiness;
 - ``run`` — background work for the life of the server (reading the authority's messages).
 
@@ -37,6 +42,7 @@ from typing import Protocol
 
 import trio
 
+from bridge.call.signals import AmdResult
 from bridge.errors import BridgeError
 from bridge.fleet.ledger import Ledger, Verdict
 
@@ -48,14 +54,23 @@ HangUp = Callable[[str], None]
 """``hang_up(call_sid)``: another process asked for this process's live call ``call_sid`` to be
 hung up (through Twilio's REST API). Must not block: start the request and return."""
 
+Deliver = Callable[[AmdResult], None]
+"""``deliver(result)``: an AMD result for a CallSid whose stream is (or is being admitted) on
+this process, received by another one or kept by the authority. Must not block."""
+
+KEPT_TTL_S = 60.0  # an AMD result that beat its stream waits this long (a stream token's default life)
+
 __all__ = [
     "Admission",
+    "AmdResult",
+    "Deliver",
     "EndCall",
     "HangUp",
     "HangupRoute",
     "InProcessState",
     "SharedState",
     "SharedStateUnavailable",
+    "SignalRoute",
     "Verdict",
 ]
 
@@ -66,6 +81,29 @@ class HangupRoute(enum.Enum):
     HERE = "here"  # this process holds it: the caller hangs it up itself
     SENT = "sent"  # another process holds it and was asked to hang it up
     UNKNOWN = "unknown"  # no live call for that CallSid anywhere the authority knows
+
+
+class SignalRoute(enum.Enum):
+    """Where :meth:`SharedState.deliver_amd` took the result."""
+
+    HERE = "here"  # this process holds the stream (or is the whole scope): the caller publishes it
+    SENT = "sent"  # another process holds it and was sent the result
+    KEPT = "kept"  # no stream for the CallSid yet: the authority keeps it for its admission
+
+
+def amd_to_wire(result: AmdResult) -> dict[str, object]:
+    return {"call_sid": result.call_sid, "answered_by": result.answered_by, "detection_ms": result.detection_ms}
+
+
+def amd_from_wire(item: object) -> AmdResult | None:
+    """The result an authority sent, or None if it is not one (logged by the caller)."""
+    if not isinstance(item, dict):
+        return None
+    call_sid, answered_by, ms = item.get("call_sid"), item.get("answered_by"), item.get("detection_ms")
+    if not (isinstance(call_sid, str) and 0 < len(call_sid) <= 64 and isinstance(answered_by, str)
+            and 0 < len(answered_by) <= 40):  # fmt: skip
+        return None
+    return AmdResult(call_sid, answered_by, ms if isinstance(ms, int) and not isinstance(ms, bool) else None)
 
 
 class SharedStateUnavailable(BridgeError):
@@ -96,11 +134,12 @@ class SharedState(Protocol):
         self,
         end_call: EndCall,
         hang_up: HangUp | None = None,
+        deliver: Deliver | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Background work, started before the first admission and cancelled at shutdown.
-        ``end_call`` and ``hang_up`` are how other processes reach this one's calls."""
+        ``end_call``, ``hang_up`` and ``deliver`` are how other processes reach this one's calls."""
         ...
 
     async def reserve(self, token: str, *, expires_at: float) -> bool:
@@ -122,6 +161,12 @@ class SharedState(Protocol):
         up (its ``hang_up``). Raises SharedStateUnavailable when the authority cannot say."""
         ...
 
+    async def deliver_amd(self, result: AmdResult) -> SignalRoute:
+        """Route ``result`` to the process holding its CallSid's stream, or keep it for that
+        stream's admission (module docstring). Raises SharedStateUnavailable when the
+        authority cannot say (the caller then publishes it here: the best guess)."""
+        ...
+
 
 class InProcessState:
     """One process is the whole scope: the ledger in memory, always up."""
@@ -140,6 +185,7 @@ class InProcessState:
         self,
         end_call: EndCall,
         hang_up: HangUp | None = None,
+        deliver: Deliver | None = None,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -163,3 +209,9 @@ class InProcessState:
     async def request_hangup(self, call_sid: str) -> HangupRoute:
         await trio.lowlevel.checkpoint()
         return HangupRoute.HERE if self.ledger.live_call(call_sid) is not None else HangupRoute.UNKNOWN
+
+    async def deliver_amd(self, result: AmdResult) -> SignalRoute:
+        # One process is the whole scope: the caller publishes it, and the process's CallSignals
+        # keeps it for a stream that has not opened yet.
+        await trio.lowlevel.checkpoint()
+        return SignalRoute.HERE

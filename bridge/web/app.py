@@ -27,11 +27,11 @@ from bridge.call.context import CallContext
 from bridge.call.persona import SessionHook, load_session_hook, resolve_session
 from bridge.call.registry import CallRegistry
 from bridge.call.session import AgentConnector, CallControl, CallSession, CallSetup, MessageSocket
-from bridge.call.signals import CallSignals
+from bridge.call.signals import AmdResult, CallSignals
 from bridge.call.state import CallPolicy
 from bridge.config import Settings
 from bridge.errors import TwilioRestError
-from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable
+from bridge.fleet.shared import InProcessState, SharedState, SharedStateUnavailable, SignalRoute
 from bridge.observe import Metrics
 from bridge.phone.security import SignatureChecker, StreamGrant
 from bridge.phone.stream import STREAM_PREFIX, Receive, Scope, Send, header
@@ -114,13 +114,14 @@ class BridgeApp:
         """The shared state's background work, for the life of the server (started by serve()
         before the first connection is accepted). The authority may end a call of ours that a
         newer stream for its CallSid replaced on another process, or ask us to hang up one of
-        ours (the console's End call, received by another process)."""
+        ours (the console's End call, received by another process), or hand us an AMD result
+        for a call of ours (received by another process, or kept until our stream's admission)."""
         async with trio.open_nursery() as hang_ups:
 
             def hang_up(call_sid: str) -> None:
                 hang_ups.start_soon(self.hang_up_here, call_sid)
 
-            await self.shared.run(self._end_replaced, hang_up, task_status=task_status)
+            await self.shared.run(self._end_replaced, hang_up, self._amd_arrived, task_status=task_status)
             hang_ups.cancel_scope.cancel()
 
     async def hang_up_here(self, call_sid: str) -> str | None:
@@ -141,6 +142,25 @@ class BridgeApp:
                 why = f"Twilio did not answer within {HANGUP_DEADLINE_S:g} s"
         log.warning("could not hang up call %s: %s", call_sid, why)
         return why
+
+    async def deliver_amd(self, result: AmdResult) -> str:
+        """Hand Twilio's AMD result to its call, on whichever process holds (or will hold) the
+        stream (the shared state routes it). Says where it went, for the webhook's log line."""
+        try:
+            route = await self.shared.deliver_amd(result)
+        except SharedStateUnavailable as exc:
+            # No authority to ask: here is the best guess (right with one process, or when the
+            # stream lands here); the process's CallSignals keeps it for a stream not open yet.
+            log.warning("call %s: cannot route its AMD result (%s): kept here", result.call_sid, exc)
+            route = SignalRoute.HERE
+        if route is not SignalRoute.HERE:
+            return "sent to the process holding its stream" if route is SignalRoute.SENT else "kept for its stream"
+        return "delivered" if self.call_signals.publish(result) else "no live stream for it yet: kept"
+
+    def _amd_arrived(self, result: AmdResult) -> None:
+        delivered = self.call_signals.publish(result)
+        log.info("call %s: AMD result %s from the shared state%s", result.call_sid, result.answered_by,
+                 "" if delivered else " (kept for its stream)")
 
     def _end_replaced(self, call_id: str, reason: str) -> None:
         if self.calls.end(call_id, reason):

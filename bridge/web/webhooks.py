@@ -152,8 +152,8 @@ def build_quart(app: BridgeApp) -> QuartTrio:
 
     @quart.post("/amd-status")
     async def amd_status() -> Response:
-        # Twilio's asynchronous answering-machine result (reference twilio.md 6b): kept for the
-        # CallSid and handed to its live call, whose session decides (bridge.call.amd).
+        # Twilio's asynchronous answering-machine result (reference twilio.md 6b): handed to the
+        # CallSid's live call (or kept for it), whose session decides (bridge.call.amd).
         form, refusal = await verified_form(app, "/amd-status")
         if refusal:
             return refusal
@@ -169,13 +169,14 @@ def build_quart(app: BridgeApp) -> QuartTrio:
             return Response("", status=204)
         duration = form.get("MachineDetectionDuration", "")
         detection_ms = int(duration) if duration.isascii() and duration.isdigit() and len(duration) <= 9 else None
-        delivered = app.call_signals.publish(AmdResult(call_sid, answered_by.value, detection_ms))
+        # Routed through the shared state: with WORKERS or a fleet the stream may be elsewhere.
+        where = await app.deliver_amd(AmdResult(call_sid, answered_by.value, detection_ms))
         log.info(
-            "call %s answered by %s%s%s",
+            "call %s answered by %s%s (%s)",
             call_sid,
             answered_by.value,
             f" (detected in {detection_ms} ms)" if detection_ms is not None else "",
-            "" if delivered else " (no live stream for it yet: kept)",
+            where,
         )
         return Response("", status=204)
 
