@@ -33,6 +33,7 @@ import trio
 
 from tests.redis import RedisServer, redis_server
 from tests.test_deploy import (
+    API_KEY,
     AUTH_TOKEN,
     REPO,
     BridgeProcess,
@@ -44,7 +45,7 @@ from tests.test_deploy import (
     fake_agent,
     nginx_proxy,
 )
-from tools.fake_agent import FakeAgent
+from tools.fake_agent import FakeAgent, FakeAgentConfig
 from tools.fake_twilio import CallPlan, CallResult, FakeTwilio, StreamRejected, new_sid, parse_twiml
 from tools.fake_twilio_rest import CallRecord, FakeTwilioRest
 
@@ -397,3 +398,87 @@ async def test_workers_with_redis_url_make_redis_the_authority(tmp_path: Path) -
             assert phone.request_hangup(sid)
             with trio.fail_after(10):
                 await done.wait()
+
+
+async def test_an_amd_result_posted_to_another_instance_reaches_the_call(tmp_path: Path) -> None:
+    """Two instances sharing Redis (no nginx: each is reached directly). Twilio's signed AMD
+    callback lands on B for an outbound call whose stream is on A: sent to A's inbox, a machine
+    gets the voicemail and A's REST hang-up. A callback before any stream is kept in Redis and
+    taken by the stream's admission on A: a person is greeted. AMD_WAIT_S (60 s) is longer than
+    the calls, so only the routed result can do either."""
+    clips = {"A person has just answered": "greeting", "You have reached an answering machine": "goodbye"}
+    config = FakeAgentConfig(api_key=API_KEY, vad=False, instruction_clips=clips)
+    public = "https://bridge-amd.example.com"
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(redis_server(tmp_path / "redis"))
+        agent = await stack.enter_async_context(fake_agent(config))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        rest = FakeTwilioRest(ACCOUNT_SID, AUTH_TOKEN)
+        rest_base = await nursery.start(rest.serve)
+        instances: dict[str, BridgeProcess] = {}
+
+        async def start(name: str) -> None:
+            env = bridge_env(
+                port=_free_port(), public=public, agent_url=agent.url, REDIS_URL=server.url, LEASE_S=str(LEASE_S),
+                TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_API_BASE=rest_base, RECORDS="off", AMD="on",
+                AMD_WAIT_S="60", VOICEMAIL_MESSAGE="Please call Acme back.", TWILIO_PHONE_NUMBER="+14155550100",
+                OUTBOUND_GREETING="Hi, this is Acme calling about your order.",
+            )  # fmt: skip
+            instances[name] = await stack.enter_async_context(bridge_process(tmp_path, f"bridge-{name}", env))
+
+        async with trio.open_nursery() as starting:
+            for name in "AB":
+                starting.start_soon(start, name)
+        phones = {name: FakeTwilio(http_base=bp.base, public_base=public, auth_token=AUTH_TOKEN,
+                                   connect_base=f"ws://127.0.0.1:{bp.port}", account_sid=ACCOUNT_SID)
+                  for name, bp in instances.items()}  # fmt: skip
+
+        async def hung_up(call: CallRecord) -> None:
+            phones["A"].request_hangup(call.sid)
+
+        rest.on_hangup = hung_up
+        for bp in instances.values():
+            await _until(lambda bp=bp: _shared_up(bp), 5, f"{bp.name}'s shared state to be up")
+
+        async def amd_on_b(call_sid: str, answered_by: str) -> None:
+            form = {"AccountSid": ACCOUNT_SID, "CallSid": call_sid, "AnsweredBy": answered_by}
+            assert (await phones["B"].post_webhook("/amd-status", form)).status_code == 204
+
+        async def outbound_on_a(call_sid: str, hangup_after_s: float,
+                                after: Callable[[], Awaitable[None]]) -> CallResult:
+            rest.add_live_call(call_sid, to="+14155550123", from_="+14155550100")
+            results: list[CallResult] = []
+
+            async def callee() -> None:
+                plan = CallPlan(hangup_after_s=hangup_after_s, speed=2.0, max_call_s=hangup_after_s + 30)
+                with trio.fail_after(60):
+                    results.append(await phones["A"].outbound_answered(call_sid, f"{public}/outbound-twiml", plan))
+
+            async with trio.open_nursery() as calls:
+                calls.start_soon(callee)
+                await after()
+            return results[0]
+
+        machine = new_sid("CA")
+
+        async def when_a_has_it() -> None:
+            with trio.fail_after(20):
+                await agent.wait_for_session(1)
+            await amd_on_b(machine, "machine_end_silence")
+
+        result = await outbound_on_a(machine, 40.0, when_a_has_it)
+        assert result.ended_by == "api", result.timeline  # A hung up through REST after the voicemail
+        assert agent.clip("goodbye") in result.heard and agent.clip("greeting") not in result.heard
+        assert f"call {machine} answered by machine_end_silence (sent to the process" in instances["B"].log_text()
+
+        person = new_sid("CA")
+        await amd_on_b(person, "human")  # before any stream: kept in Redis
+        assert f"call {person} answered by human (kept for its stream)" in instances["B"].log_text()
+        async with coredis.Redis.from_url(server.url, decode_responses=True) as client:
+            with trio.fail_after(5):
+                assert 0 < await client.pttl(f"vab:amd:{person}") <= 60_000  # expires if no stream comes
+        result = await outbound_on_a(person, 12.0, trio.lowlevel.checkpoint)
+        assert result.ended_by == "caller", result.timeline
+        assert agent.clip("greeting") in result.heard
+        assert f"call {person}: AMD result human from the shared state" in instances["A"].log_text()
