@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from bridge.call.signals import AmdResult
+from bridge.fleet.shared import SharedStateUnavailable, SignalRoute
 from tests.harness import PUBLIC, running_bridge
 from tools.fake_twilio import CallPlan
 
@@ -91,3 +92,21 @@ async def test_the_fake_rest_api_sends_the_result_of_a_placed_call() -> None:
             await rest.callback_sent.wait()
         assert [c.status for c in rest.callbacks] == [204]
         assert bridge.app.call_signals.answered_by(sid) == "machine_end_silence"
+
+
+async def test_a_result_the_shared_state_cannot_route_is_kept_here(caplog: pytest.LogCaptureFixture) -> None:
+    """The authority does not answer (a WORKERS parent gone, Redis down): the best guess is this
+    process, whose CallSignals keeps the result for a stream that lands here; still 204."""
+    caplog.set_level(logging.INFO, "bridge.web")
+    async with running_bridge() as bridge:
+
+        async def unavailable(result: AmdResult) -> SignalRoute:
+            raise SharedStateUnavailable("the WORKERS parent did not answer within 2 s")
+
+        bridge.app.shared.deliver_amd = unavailable  # type: ignore[method-assign]
+        response = await bridge.twilio.post_webhook("/amd-status", form("machine_end_other"))
+        assert response.status_code == 204
+        with bridge.app.call_signals.subscribe(CALL_SID) as subscription:
+            assert subscription.receive.receive_nowait() == AmdResult(CALL_SID, "machine_end_other", 1830)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot route its AMD result (the WORKERS parent did not answer" in m for m in messages)

@@ -18,7 +18,8 @@ Ownership and bounds:
 - The latest ``AnsweredBy`` of each call is kept for :meth:`CallSignals.answered_by` (the call
   record's ``answered_by``), for at most ``max_pending`` CallSids (the oldest go first).
 - Process-local: with ``WORKERS`` > 1 (or several instances) the webhook may reach another
-  process than the stream; cross-process delivery is the shared state's job (bridge/fleet).
+  process than the stream; the shared state (``SharedState.deliver_amd``, bridge/fleet) routes
+  the result to the process that holds (or will hold) the stream, which publishes it here.
 """
 
 from __future__ import annotations
