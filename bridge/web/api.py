@@ -6,7 +6,8 @@
   ``until`` ISO 8601 dates or times (UTC unless they say otherwise) bounding ``started_at``;
   ``q`` text searched in the transcripts (said and heard, case-insensitive) or an exact CallSid.
   The first page (no ``before``) starts with the live calls of this instance that match
-  (``"live": true``; they have no outcome yet).
+  (``"live": true``; they have no outcome yet); a page also lists the finished calls held (not yet
+  written) that belong on it, so it may have a few more than ``limit`` entries.
 - ``GET /api/calls/<CallSid>``: the whole record; a live call gives its record so far with
   ``"live": true``.
 
