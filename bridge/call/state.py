@@ -59,7 +59,7 @@ from bridge.call.actions import (
 from bridge.call.budget import CallerAudioBudget
 from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
-from bridge.call.toolgate import Release, ToolCallState, ToolGate
+from bridge.call.toolgate import Release, ToolCallState, ToolGate, cap_result
 from bridge.phone import media as tw
 from bridge.records.facts import AnsweredBy, DtmfPressed, SessionRecovered, ToolFinished, ToolStarted
 
@@ -637,7 +637,16 @@ class CallState:
     def _deliver_result(self, tool_call_id: str, result: str, is_error: bool, now: float) -> list[Action]:
         if self.phase is Phase.ENDING:
             return []
-        return _sent(self._gate.finished(tool_call_id, result, is_error, now))
+        call = self._gate.get(tool_call_id)
+        if call is None or call.done or call.discarded:
+            return _sent(self._gate.finished(tool_call_id, result, is_error, now))  # marks it done, sends nothing
+        result, is_error, size = cap_result(result, is_error)
+        sent = _sent(self._gate.finished(tool_call_id, result, is_error, now))
+        if size is None:
+            return sent
+        # The size only, never the content (it may be sensitive); the record keeps its own cap.
+        too_large = f"tool result for {tool_call_id} too large ({size} bytes): an error result goes instead"
+        return [Log(logging.WARNING, too_large), *sent]
 
     def on_transfer_started(self) -> None:
         """A REST redirect is under way: the ``stop`` it causes is the transfer, not a hang-up."""

@@ -23,6 +23,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import orjson
+
+# The Voice Agent closes the connection with 1009 on a message over its limit (~1 MiB), and the
+# call then waits for an answer that never comes. 64 KiB of result keeps one tool.result far
+# under that limit even when JSON escaping of the string inflates it six-fold (every byte a
+# \u00XX), and is more than a model reads usefully in one turn anyway.
+MAX_TOOL_RESULT_BYTES = 65_536
+
+
+def cap_result(result: str, is_error: bool) -> tuple[str, bool, int | None]:
+    """``(result, is_error, None)`` when ``result`` fits in ``MAX_TOOL_RESULT_BYTES`` (UTF-8);
+    otherwise an error result the model can act on, and the original size in bytes."""
+    if len(result) * 4 <= MAX_TOOL_RESULT_BYTES:  # a str of n chars is at most 4n UTF-8 bytes
+        return result, is_error, None
+    size = len(result.encode("utf-8", "surrogatepass"))
+    if size <= MAX_TOOL_RESULT_BYTES:
+        return result, is_error, None
+    message = (
+        f"the tool's result was too large ({size} bytes; the limit is {MAX_TOOL_RESULT_BYTES}) and was"
+        " not sent. Do not call it again the same way: ask for less (a narrower query, fewer items)"
+        " or tell the caller the answer is not available."
+    )
+    return orjson.dumps({"error": message}).decode(), True, size
+
 
 class GateState(Enum):
     OPEN = "open"  # reply.done is the latest turn event: results go at once
