@@ -79,9 +79,7 @@ def test_a_timeout_with_no_key_at_all() -> None:
 
 def test_sensitive_digits_are_masked_everywhere_but_the_agents_result() -> None:
     _pad, actions = collect("4321#", {"max_digits": 8, "sensitive": True})
-    assert [a for a in actions if isinstance(a, KeyRecorded)] == [
-        KeyRecorded(d, sensitive=True) for d in "4321#"
-    ]
+    assert [a for a in actions if isinstance(a, KeyRecorded)] == [KeyRecorded(d, sensitive=True) for d in "4321#"]
     [result] = results(actions)
     assert json.loads(result.result) == {"digits": "4321"}  # the model needs them
     assert json.loads(result.logged) == {"digits": "****"} and result.sensitive
@@ -158,9 +156,7 @@ def test_bad_arguments_get_a_precise_error_result_and_start_nothing(arguments: d
 
 def test_defaults_and_coercions() -> None:
     assert parse_request({"max_digits": 4}) == DigitsRequest(4, "#", 10.0, False)
-    assert parse_request({"max_digits": 4.0, "finish_on_key": None, "timeout_s": 3}) == DigitsRequest(
-        4, "", 3.0, False
-    )
+    assert parse_request({"max_digits": 4.0, "finish_on_key": None, "timeout_s": 3}) == DigitsRequest(4, "", 3.0, False)
 
 
 def test_mask_digits() -> None:
@@ -194,3 +190,13 @@ def test_the_tool_is_offered_only_when_asked_for() -> None:
     assert [d["name"] for d in call_control_definitions(True, [])] == ["end_call"]
     names = [d["name"] for d in call_control_definitions(True, ["+14155550100"], keypad=True)]
     assert names == ["end_call", "transfer_call", "collect_digits"]
+
+
+def test_cancel_call_stops_only_the_collection_of_that_tool_call() -> None:
+    keypad = Keypad()
+    assert keypad.start("c1", {"max_digits": 4}, 0.0) == []
+    assert keypad.cancel_call("c_other") is False and keypad.phase is KeypadPhase.COLLECTING
+    assert keypad.cancel_call("c1") is True and keypad.phase is KeypadPhase.IDLE
+    assert keypad.cancel_call("c1") is False
+    assert keypad.next_deadline() is None and keypad.tick(100.0) == []
+    assert [type(a) for a in keypad.press("1", 1.0)] == [KeyRecorded]  # a key outside a collection

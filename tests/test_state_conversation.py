@@ -219,3 +219,107 @@ def test_agent_audio_during_the_pad_still_waits_for_the_whole_pad() -> None:
     # The queued silence is cleared; what is left of the pad (110 ms, rounded up to 120) plays first.
     assert [orjson.loads(a.text)["event"] for a in first if isinstance(a, st.SendPhone)] == ["clear", "media", "media"]
     assert silence_ms(first[1:2]) == [120]
+
+
+# --- keypad collection and barge-in (reference §7) ------------------------------------------------
+# The demo bug: the caller barged in on the reply asking for digits; its tool result was
+# discarded, yet the collection ran on and answered 10 s later. §7 discards every result of an
+# interrupted reply, so the collection is cancelled with it: the keys after it are keys outside
+# a collection (told to the agent only with DTMF_TO_AGENT), and nothing answers the dead call.
+
+COLLECT = {"max_digits": 4, "timeout_s": 10}
+
+
+def _collect_then(steps: list[tuple[str, Any]], **policy: Any) -> tuple[CallState, list[list[st.Action]]]:
+    state, script = live(record=True, keypad_tool=True, **policy)
+    outs: list[list[st.Action]] = []
+    now = 1.0
+    for kind, arg in steps:
+        now += 0.5
+        if kind == "agent":
+            event_kind, fields = arg
+            outs.append(state.on_agent(agent(event_kind, **fields), now))
+        elif kind == "keys":
+            outs.append([a for d in arg for a in state.on_phone(phone(script.dtmf(d)), now)])
+        elif kind == "tick":
+            outs.append(state.on_tick(now + arg))
+    return state, outs
+
+
+def _results(outs: list[list[st.Action]]) -> list[dict[str, Any]]:
+    return [m for actions in outs for m in sent(actions) if m["type"] == "tool.result"]
+
+
+def _asked_in(reply_id: str, call_id: str, status: str | None) -> list[tuple[str, Any]]:
+    steps: list[tuple[str, Any]] = [
+        ("agent", ("reply.started", {"reply_id": reply_id, "item_id": "i" + reply_id})),
+        ("agent", ("tool.call", {"call_id": call_id, "name": "collect_digits", "arguments": COLLECT})),
+    ]
+    if status == "interrupted":
+        steps.append(("agent", ("input.speech.started", {})))
+    if status is not None:
+        steps.append(("agent", ("reply.done", {"reply_id": reply_id, "status": status})))
+    return steps
+
+
+KEYPAD_BARGE_IN = [
+    (
+        "barge-in on the asking reply cancels the collection: the keys after it answer nothing",
+        [*_asked_in("r1", "c1", "interrupted"), ("keys", "12")],
+        [],
+    ),
+    (
+        "barge-in on the asking reply: neither the limit nor the timeout answers the dead call",
+        [*_asked_in("r1", "c1", "interrupted"), ("keys", "1234#"), ("tick", 30.0)],
+        [],
+    ),
+    (
+        "a completed asking reply keeps the collection: the keys answer it",
+        [*_asked_in("r1", "c1", "completed"), ("keys", "12#")],
+        [("c1", {"digits": "12"})],
+    ),
+    (
+        "a completed asking reply, then a barge-in on a later reply: the collection goes on",
+        [
+            *_asked_in("r1", "c1", "completed"),
+            *_asked_in("r2", "c_other", None)[:1],
+            ("agent", ("input.speech.started", {})),
+            ("agent", ("reply.done", {"reply_id": "r2", "status": "interrupted"})),
+            ("keys", "12#"),
+            ("agent", ("reply.started", {"reply_id": "r3", "item_id": "ir3"})),
+            ("agent", ("reply.done", {"reply_id": "r3", "status": "completed"})),
+        ],
+        [("c1", {"digits": "12"})],
+    ),
+    (
+        "after the cancelled collection the agent asks again: the new one gets the keys",
+        [
+            *_asked_in("r1", "c1", "interrupted"),
+            ("keys", "9"),
+            *_asked_in("r2", "c2", "completed"),
+            ("keys", "1234"),
+        ],
+        [("c2", {"digits": "1234"})],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "steps", "expected"), KEYPAD_BARGE_IN, ids=[c[0] for c in KEYPAD_BARGE_IN])
+def test_a_keypad_collection_follows_its_reply(name: str, steps: list[Any], expected: list[Any]) -> None:
+    state, outs = _collect_then(steps)
+    assert [(r["call_id"], orjson.loads(r["result"])) for r in _results(outs)] == expected
+    assert state.conversation is not None and state.conversation.keypad.next_deadline() is None
+
+
+def test_the_cancelled_collection_is_logged_and_later_keys_go_to_the_agent_with_dtmf_to_agent() -> None:
+    _, outs = _collect_then([*_asked_in("r1", "c1", "interrupted"), ("keys", "5")], dtmf_to_agent=True)
+    (finished,) = [
+        a.fact for actions in outs for a in actions if isinstance(a, st.Fact) and isinstance(a.fact, fx.ToolFinished)
+    ]
+    assert finished.tool_call_id == "c1" and finished.is_error and "cancelled" in finished.result
+    messages = [a.message for actions in outs for a in actions if isinstance(a, st.Log)]
+    assert "keypad collection for c1 cancelled: its reply was interrupted" in messages
+    assert not any("collect_digits result" in m for m in messages)
+    told = [m for m in sent(outs[-1]) if m["type"] == "reply.create"]
+    assert len(told) == 1 and "'5'" in told[0]["instructions"]
+    assert _results(outs) == []

@@ -243,6 +243,19 @@ class Conversation:
             if self.idle:
                 self.idle.tool_finished(now)
 
+    def tool_discarded(self, tool_call_id: str, now: float) -> list[Out]:
+        """The reply that made this tool call was interrupted, so its result will never be sent
+        (reference §7): a keypad collection running for it stops here, not at its timeout."""
+        if not self.keypad.cancel_call(tool_call_id):
+            return []
+        if self.idle:
+            self.idle.tool_finished(now)
+        cancelled = ag.tool_error("the collection was cancelled: the caller interrupted the reply that asked for it")
+        return [
+            Note(logging.INFO, f"keypad collection for {tool_call_id} cancelled: its reply was interrupted"),
+            Record(fx.ToolFinished(tool_call_id, cancelled, True, now)),  # the record shows how it ended
+        ]
+
     def tick(self, now: float) -> list[Out]:
         """Run every timer due at ``now``."""
         out = self._keypad_step(self.keypad.tick(now), now)

@@ -206,6 +206,15 @@ class Keypad:
         """Forget a running collection (the call or the upstream session ended)."""
         self._current = None
 
+    def cancel_call(self, tool_call_id: str) -> bool:
+        """Forget the collection of this tool call, if it is the one running (its reply was
+        interrupted: reference §7 discards its result, so collecting on is pointless). True
+        when a collection was cancelled; keys from here are keys outside a collection."""
+        if self._current is None or self._current.tool_call_id != tool_call_id:
+            return False
+        self._current = None
+        return True
+
     def _finish(self, *, timed_out: bool) -> ToolResult:
         current = self._current
         assert current is not None

@@ -15,7 +15,8 @@ Invariants:
 - Tool results follow reference §7 (the ``ToolGate`` sub-machine, ``call/toolgate.py``): sent
   when ``reply.done`` is the latest turn event, held otherwise (flushed after
   ``tool_hold_max_s`` as a safety net), discarded when the reply that asked for them was
-  interrupted. ``collect_digits`` results too (the keypad answers it).
+  interrupted. ``collect_digits`` results too (the keypad answers it); a collection whose
+  reply was interrupted is cancelled then, so later keys are keys outside a collection.
 - The conversation sub-machine (``call/conversation.py``: keypad, idle timers, answering
   machines) is composed here: the core feeds it and turns its outputs into the same actions.
   With AMD holding the greeting, caller audio is dropped (counted as pre-ready) until a person
@@ -531,6 +532,8 @@ class CallState:
         if event.interrupted:
             for tool_call_id in self._gate.reply_interrupted(event.reply_id):
                 actions.append(Log(logging.INFO, f"tool result for {tool_call_id} discarded: reply interrupted"))
+                if self.conversation:
+                    actions.extend(self._conv(self.conversation.tool_discarded(tool_call_id, now), now))
             actions.extend(self.playback.reply_interrupted(event.reply_id))
             if self.stream_sid:
                 actions.extend(self.playback.clear(now))
