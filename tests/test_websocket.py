@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.utilities import LocalProtocolError
 
 from bridge.net.tcp import DirectSocketStream
 from bridge.net.websocket import LeanWebSocketConnection, wrap_client, wrap_server
@@ -159,3 +163,54 @@ async def test_fewer_scheduler_steps_per_message_than_trio_websockets_own() -> N
     lean = await _steps_for_messages(True, count)
     # two per message fewer (4 -> 2 here); 1.5 leaves room for the odd step either way
     assert lean <= stock - 1.5 * count, (lean, stock)
+
+
+@pytest.mark.parametrize("lean_server", [True, False])
+async def test_a_ping_that_crosses_our_close_is_not_answered_and_breaks_nothing(lean_server: bool) -> None:
+    """The peer's ping can arrive after we sent Close and before its own Close: wsproto refuses a
+    Pong then (LOCAL_CLOSING), and trio-websocket's reader answers every ping, so its reader task
+    raised out of the call's nursery. The lean connection drops that pong (RFC 6455 5.5.1: nothing
+    after our Close); trio-websocket's own connection still raises, which this pins."""
+    ws = WSConnection(ConnectionType.CLIENT)
+
+    async def read_until(stream: trio.abc.Stream, kind: type) -> Any:
+        while True:
+            for event in ws.events():
+                if isinstance(event, kind):
+                    return event
+            ws.receive_data(await stream.receive_some(65536))
+
+    failed: list[BaseException] = []
+    with trio.fail_after(5):
+        async with tcp_pair() as (client_stream, peer):
+            try:
+                async with trio.open_nursery() as nursery:
+                    accepted: list[trio_websocket.WebSocketConnection] = []
+
+                    async def serve() -> None:
+                        stream = DirectSocketStream(peer)
+                        if lean_server:
+                            request = await wrap_server(nursery, stream, message_queue_size=8, max_message_size=1 << 20)
+                        else:
+                            request = await trio_websocket.wrap_server_stream(nursery, stream)
+                        accepted.append(await request.accept())
+
+                    nursery.start_soon(serve)
+                    await client_stream.send_all(ws.send(Request(host="127.0.0.1", target="/x")))
+                    await read_until(client_stream, AcceptConnection)
+                    while not accepted:
+                        await trio.sleep(0.001)
+                    nursery.start_soon(accepted[0].aclose, 1000, "bye")
+                    close_frame = await client_stream.receive_some(65536)  # the server's Close...
+                    await client_stream.send_all(ws.send(Ping(b"late")))  # ...crossed by our ping
+                    ws.receive_data(close_frame)
+                    close = await read_until(client_stream, CloseConnection)
+                    await client_stream.send_all(ws.send(close.response()))
+                    await trio.sleep(0.2)  # the server's reader handles both frames
+                    assert accepted[0].closed is not None
+            except BaseExceptionGroup as group:
+                failed.extend(group.exceptions)
+    if lean_server:
+        assert failed == []
+    else:
+        assert any(isinstance(exc, LocalProtocolError) for exc in failed)

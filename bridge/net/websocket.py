@@ -21,7 +21,8 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import BytesMessage, Event, TextMessage
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, Event, Pong, TextMessage
 
 from bridge.net.framing import FastFraming
 
@@ -44,6 +45,11 @@ class LeanWebSocketConnection(trio_websocket.WebSocketConnection):
         await super()._handle_message_event(event)
 
     async def _send(self, event: Event) -> None:
+        if type(event) is Pong and self._wsproto.state is not ConnectionState.OPEN:
+            # A ping that crossed our Close: wsproto refuses the pong (nothing may follow a
+            # Close, RFC 6455 5.5.1), and trio-websocket's reader, which answers every ping,
+            # raised out of the call's nursery. Not answering it is all the protocol allows.
+            return
         lock = self._stream_lock
         if lock.locked():
             await super()._send(event)  # another task is sending: queue behind it, in order
