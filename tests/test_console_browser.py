@@ -34,6 +34,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
+# Every wait here is on a condition; its deadline only bounds a hang (a loaded 2-core machine
+# running the whole suite is slow, not broken).
+HANG_S = 20.0
 CHROMEDRIVER = "/usr/bin/chromedriver"
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "console"
@@ -88,7 +91,7 @@ class Browser:
     async def js(self, script: str, *args: Any) -> Any:
         return await self.run(self.driver.execute_script, script, *args)
 
-    async def wait(self, script: str, *args: Any, timeout_s: float = 5.0, what: str = "") -> Any:
+    async def wait(self, script: str, *args: Any, timeout_s: float = HANG_S, what: str = "") -> Any:
         """Poll ``script`` (a JS expression body returning a value) until it is truthy."""
         try:
             with trio.fail_after(timeout_s):
@@ -119,7 +122,9 @@ class Browser:
         paths = []
         for name in SIZES:
             await self.size(name)
-            await trio.sleep(0.15)  # layout after the resize
+            await self.wait("return matchMedia(`(width: ${arguments[0]}px)`).matches", SIZES[name][0],
+                            what=f"the layout at {name} width")  # the media queries' width: a scrollbar is in it
+            await self.next_frame()
             # Against the layout width the page asked for (clientWidth): a phone browser widens
             # window.innerWidth to fit content that overflows, and then shows the page zoomed out.
             overflow = await self.js("const d = document.documentElement; return d.scrollWidth - d.clientWidth")
@@ -129,6 +134,11 @@ class Browser:
             paths.append(path)
         await self.size("desktop")
         return paths
+
+    async def next_frame(self) -> None:
+        """Returns once the page has drawn a frame after this call (so a screenshot shows it)."""
+        await self.run(self.driver.execute_async_script,
+                       "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(() => done()))")
 
     async def unnamed_controls(self) -> list[str]:
         """Controls that Chromium's accessibility tree gives no name (what a screen reader says)."""
@@ -174,7 +184,7 @@ class Browser:
             alert.accept()
             return text
 
-        with trio.fail_after(5):
+        with trio.fail_after(HANG_S):
             while True:
                 try:
                     return await self.run(accept)
@@ -194,13 +204,37 @@ async def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> 
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
 
 
-async def live_record(bridge: Running, call_sid: str, timeout_s: float = 5.0) -> dict[str, Any]:
+async def live_record(bridge: Running, call_sid: str, timeout_s: float = HANG_S) -> dict[str, Any]:
     records = bridge.app.records
     assert records is not None
     await wait_until(lambda: records.live(call_sid) is not None, timeout_s, f"the live record of {call_sid}")
     record = records.live(call_sid)
     assert record is not None
     return record
+
+
+# Truthy once the duration on the card ``arguments[0]`` went up with no event about the call in
+# between: every event about a call re-renders its card's transcript (a childList mutation), so a
+# change seen while no mutation was counted is the page's own tick. An event restarts the watch.
+TICKS_BY_ITSELF = """
+const card = document.querySelector(arguments[0]);
+if (!card) return false;
+const seconds = (text) => /^\\d+:\\d\\d$/.test(text) ? text.split(':').reduce((a, b) => a * 60 + Number(b), 0) : null;
+const shown = card.querySelector('.duration').textContent;
+let w = window.__ticks;
+if (!w || w.card !== card) {
+  w = window.__ticks = {card, events: 0, seen: -1, first: null};
+  new MutationObserver((records) => { w.events += records.length; })
+    .observe(card.querySelector('.transcript'), {childList: true});
+}
+if (w.seen !== w.events || w.first === null) {
+  w.seen = w.events;
+  w.first = seconds(shown);
+  return false;
+}
+const now = seconds(shown);
+return now !== null && now > w.first;
+"""
 
 
 def sid(n: int) -> str:
@@ -273,9 +307,7 @@ async def test_a_live_call_appears_streams_its_transcript_and_end_call_hangs_it_
             assert trio.current_time() - t1 < 1.0
             activities = {"connecting", "greeting", "listening", "agent speaking", "tool running", "ending"}
             assert (await browser.text(f"{card} .activity")) in activities
-            first = await browser.text(f"{card} .duration")
-            await trio.sleep(1.1)
-            assert await browser.text(f"{card} .duration") != first  # the duration ticks
+            await browser.wait(TICKS_BY_ITSELF, card, what="the live card's duration to tick between events")
             await browser.shots("live")
 
             # With the keyboard only: Tab to the card's End call button, Enter, confirm.
@@ -286,7 +318,7 @@ async def test_a_live_call_appears_streams_its_transcript_and_end_call_hangs_it_
             await wait_until(
                 lambda: any(r.method == "POST" and call_sid in r.path and ("Status", "completed") in r.form
                             for r in bridge.rest.requests),  # type: ignore[union-attr]
-                5, "the hang-up at Twilio's REST API",
+                HANG_S, "the hang-up at Twilio's REST API",
             )
             await browser.wait(f"return !document.querySelector(\"{card}\")", what="the card to go")
         assert result and result[0].ended_by != "timeout"
@@ -318,11 +350,12 @@ async def test_past_call_said_vs_heard_tool_latency_chart_and_search(driver: Any
             await trio.sleep(1.2)  # the first second of the greeting is heard, then the caller barges in
             await bridge.agent.barge_in(session.session_id)
             await bridge.agent.user_turn(session.session_id, "Pick a number between one and ten")
-            await wait_until(lambda: live()["tools"] != [], 10, "the tool call")
-            await wait_until(lambda: any(t.get("response_ms") is not None for t in live()["turns"]), 10, "the answer")
-            await wait_until(lambda: live()["activity"] == "listening", 10, "the answer's end")
+            await wait_until(lambda: live()["tools"] != [], HANG_S, "the tool call")
+            await wait_until(lambda: any(t.get("response_ms") is not None for t in live()["turns"]), HANG_S,
+                             "the answer")
+            await wait_until(lambda: live()["activity"] == "listening", HANG_S, "the answer's end")
             await bridge.agent.user_turn(session.session_id, "Actually never mind the parcel")
-            await wait_until(lambda: len(live()["turns"]) >= 6 and live()["activity"] == "agent speaking", 10,
+            await wait_until(lambda: len(live()["turns"]) >= 6 and live()["activity"] == "agent speaking", HANG_S,
                              "the last reply")
             await trio.sleep(0.3)
             bridge.twilio.request_hangup(call_sid)
@@ -450,7 +483,7 @@ async def test_a_stored_record_strike_through_chart_values_and_the_recording(dri
         assert store is not None
         await store.ready.wait()
         store.submit(stored_record(call_sid, wav))
-        with trio.fail_after(5):
+        with trio.fail_after(HANG_S):
             while await store.get(call_sid) is None:
                 await trio.sleep(0.02)
         browser = Browser(driver, bridge.http_base)
@@ -575,11 +608,15 @@ async def test_sensitive_keypad_digits_never_reach_the_console(driver: Any) -> N
             first = await browser.js(duration)
             await browser.wait("return document.querySelector('#call-facts dd[data-fact=Status]').textContent"
                                " === 'live · tool running'", what="the keypad collection as a running tool")
-            await wait_until(lambda: bool(session.tool_results), 15, "the digits' tool result")
+            await wait_until(lambda: bool(session.tool_results), HANG_S, "the digits' tool result")
             assert session.tool_results[0]["result"] == f'{{"digits": "{digits}"}}'  # the agent got them
             await browser.wait("return !document.getElementById('dtmf-box').hidden", what="the keys, live")
-            assert await browser.js(duration) != first  # it ticked while the caller typed
-            await trio.sleep(0.3)  # the events about the result have reached the page
+            await browser.wait(f"return ({duration.removeprefix('return ')}) !== arguments[0]", first,
+                               what="the live call page's duration to tick")
+            # The events about the finished collection have reached the page before the hang-up.
+            await browser.wait("return window.__events.some(e => { const v = JSON.parse(e); return v.type === "
+                               "'tool' && v.tool.name === arguments[0] && typeof v.tool.duration_ms === 'number'; })",
+                               COLLECT_DIGITS, what="the finished collection's tool event")
             bridge.twilio.request_hangup(call_sid)
 
         async with trio.open_nursery() as nursery:
@@ -624,9 +661,9 @@ async def test_past_calls_pages_and_filters_by_outcome_and_dates(driver: Any, tm
         await store.ready.wait()
         for record in calls:
             store.submit(record)
-        with trio.fail_after(5):
-            while await store.get(calls[-1]["call_sid"]) is None:
-                await trio.sleep(0.02)
+        # Written, not only held: a page lists the held records that belong on it as well as its
+        # 20 rows (store.merge_held), and this test is about paging the stored ones.
+        await wait_until(lambda: store.pending == 0, HANG_S, "the 25 records to be written")
         browser = Browser(driver, bridge.http_base)
         await browser.sign_in()
         rows = "return [...document.querySelectorAll('#past-rows tr')].map(r => r.dataset.callSid)"
