@@ -214,8 +214,9 @@ async def live_record(bridge: Running, call_sid: str, timeout_s: float = HANG_S)
 
 
 # Truthy once the duration on the card ``arguments[0]`` went up with no event about the call in
-# between: every event about a call re-renders its card's transcript (a childList mutation), so a
-# change seen while no mutation was counted is the page's own tick. An event restarts the watch.
+# between: every event about a call re-renders its card's transcript (a childList mutation once it
+# has a turn, as here), so a change seen while no mutation was counted is the page's own tick.
+# An event restarts the watch. Checked: with the page's timers cleared, this wait times out.
 TICKS_BY_ITSELF = """
 const card = document.querySelector(arguments[0]);
 if (!card) return false;
