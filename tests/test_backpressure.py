@@ -33,8 +33,10 @@ from tools.fake_twilio import CallPlan, CallResult, StreamClient, new_sid, parse
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # A healthy call's caller audio reaches the agent every 4 ms at speed 5; a call that another
-# call's stall delayed would show gaps of seconds (the send deadline is 5 s).
-MAX_HEALTHY_GAP_S = 0.3
+# call's stall delayed would show gaps of seconds (the send deadline is 5 s). The bound sits
+# between the two with room for a loaded machine's scheduling (0.3 s was hit under a full suite
+# on 2 cores: 0.325 s), so it tells "held up by the stall" from "the machine was busy".
+MAX_HEALTHY_GAP_S = 1.5
 
 
 def rss_bytes() -> int:
