@@ -262,7 +262,7 @@ async def test_sign_in_wrong_then_right_token_with_the_enter_key(driver: Any) ->
         assert await browser.js("return document.querySelector('meta[name=csrf-token]')") is None
         await browser.sign_in()
         await browser.wait("return document.body.dataset.page === 'live'", what="the live page")
-        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+        await browser.wait("return document.getElementById('stream-status')?.textContent === 'live'",
                            what="the event stream")
         cookie = await browser.run(driver.get_cookie, "console_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["secure"]
@@ -275,7 +275,7 @@ async def test_a_live_call_appears_streams_its_transcript_and_end_call_hangs_it_
     async with running_bridge(agent_config=config, env=env(), with_rest=True) as bridge:
         browser = Browser(driver, bridge.http_base)
         await browser.sign_in()
-        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+        await browser.wait("return document.getElementById('stream-status')?.textContent === 'live'",
                            what="the event stream")
         assert bridge.rest is not None
         bridge.rest.add_live_call(call_sid, to="+14155550100", from_="+14155550123")
@@ -410,7 +410,7 @@ async def test_hostile_transcripts_render_as_text_and_run_nothing(driver: Any) -
     async with running_bridge(agent_config=config, env=env()) as bridge:
         browser = Browser(driver, bridge.http_base)
         await browser.sign_in()
-        await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+        await browser.wait("return document.getElementById('stream-status')?.textContent === 'live'",
                            what="the event stream")
         card = f"li.card[data-call-sid='{call_sid}']"
 
@@ -530,7 +530,7 @@ async def test_behind_nginx_the_event_stream_is_not_buffered(driver: Any, tmp_pa
         async with nginx_proxy(tmp_path, port, webhooks=[bridge.port], streams=[bridge.port]):
             browser = Browser(driver, f"https://127.0.0.1:{port}")
             await browser.sign_in()
-            await browser.wait("return document.getElementById('stream-status').textContent === 'live'",
+            await browser.wait("return document.getElementById('stream-status')?.textContent === 'live'",
                                what="the event stream through nginx")
             card = f"li.card[data-call-sid='{call_sid}']"
             async with trio.open_nursery() as nursery:
