@@ -467,7 +467,7 @@ class CallSession:
     async def _run_tool(self, action: st.RunTool) -> None:
         tools = self.setup.tools
         if tools is None:
-            result, is_error = '{"error":"no tools are configured"}', True
+            result, is_error = ag.tool_error("no tools are configured"), True
         else:
             result, is_error = await tools.run(
                 action.name, action.arguments, self._context(), timeout_s=self.setup.tool_timeout_s
@@ -687,20 +687,10 @@ class CallSession:
 
 
 _NORMAL_OUTCOMES = frozenset({st.Outcome.CALLER_HUNG_UP, st.Outcome.AGENT_ENDED, st.Outcome.TRANSFERRED})
-_KNOWN_CODES = ag.FATAL_ERROR_CODES | {
-    "invalid_format",
-    "invalid_audio",
-    "invalid_value",
-    "immutable_field",
-    "invalid_config",
-    "agent_id_not_first",
-    "audio_rate_violation",
-    "server_error",
-}
 
 
 def _metric_code(code: str) -> str:
-    return code if code in _KNOWN_CODES else "other"
+    return code if code in ag.ERROR_CODES else "other"
 
 
 _SESSION_END = st.SendAgent(ag.SESSION_END)

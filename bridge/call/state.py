@@ -64,8 +64,6 @@ from bridge.call.toolgate import Release, ToolCallState, ToolGate, cap_result
 from bridge.phone import media as tw
 from bridge.records.facts import AnsweredBy, DtmfPressed, SessionRecovered, ToolFinished, ToolStarted
 
-END_CALL_TOOL = "end_call"
-TRANSFER_TOOL = "transfer_call"
 _MAX_LOGGED_INVALID = 5  # per call and side; the rest are only counted
 MAX_RECOVERIES = 3  # per call: a service that refuses every resume must not loop for the whole call
 
@@ -98,9 +96,9 @@ class TransferOutcome(Enum):
 
 
 _TRANSFER_RESULTS = {
-    TransferOutcome.UNAVAILABLE: ('{"error":"transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"}', True),
-    TransferOutcome.FAILED: ('{"error":"the transfer failed; apologise and offer to help"}', True),
-    TransferOutcome.STARTED: ('{"ok":true,"note":"transferring"}', False),
+    TransferOutcome.UNAVAILABLE: (ag.tool_error("transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"), True),
+    TransferOutcome.FAILED: (ag.tool_error("the transfer failed; apologise and offer to help"), True),
+    TransferOutcome.STARTED: (ag.tool_ok("transferring"), False),
 }
 
 
@@ -567,22 +565,22 @@ class CallState:
             return [
                 *started,
                 Log(logging.WARNING, f"tool.call {event.name!r} unreadable: {event.arguments_error}"),
-                *self.on_tool_done(tool_call_id, _error_json(event.arguments_error or "bad tool call"), True, now),
+                *self.on_tool_done(tool_call_id, ag.tool_error(event.arguments_error or "bad tool call"), True, now),
             ]
-        if event.name == END_CALL_TOOL and self.policy.end_call_enabled:
+        if event.name == ag.END_CALL_TOOL and self.policy.end_call_enabled:
             return [
                 *started,
                 Log(logging.INFO, "agent asked to end the call: hanging up after the goodbye plays"),
                 *self.playback.end_call(self._current_reply, now),
-                *self.on_tool_done(tool_call_id, '{"ok":true,"note":"the call ends after your goodbye"}', False, now),
+                *self.on_tool_done(tool_call_id, ag.tool_ok("the call ends after your goodbye"), False, now),
             ]
-        if event.name == TRANSFER_TOOL and self.policy.transfer_numbers:
+        if event.name == ag.TRANSFER_CALL_TOOL and self.policy.transfer_numbers:
             number = event.arguments.get("number") or self.policy.transfer_numbers[0]
             if number not in self.policy.transfer_numbers:
                 return [
                     *started,
                     *self.on_tool_done(
-                        tool_call_id, _error_json(f"number {number!r} is not an allowed transfer target"), True, now
+                        tool_call_id, ag.tool_error(f"number {number!r} is not an allowed transfer target"), True, now
                     ),
                 ]
             self._tool_running(tool, now)
@@ -811,10 +809,6 @@ class CallState:
 
 def _sent(releases: list[Release]) -> list[Action]:
     return [SendAgent(ag.tool_result(r.tool_call_id, r.result, is_error=r.is_error)) for r in releases]
-
-
-def _error_json(message: str) -> str:
-    return orjson.dumps({"error": message}).decode()
 
 
 def _short(arguments: dict[str, Any]) -> str:
