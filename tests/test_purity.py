@@ -18,6 +18,7 @@ PURE_MODULES = [
     "bridge.call.playback",
     "bridge.call.ports",
     "bridge.call.upstream",
+    "bridge.call.lifecycle",
     "bridge.config",
     "bridge.phone.security",
     "bridge.phone.twiml",

@@ -22,6 +22,9 @@ Invariants:
   With AMD holding the greeting, caller audio is dropped (counted as pre-ready) until a person
   is known. A last reply (idle goodbye, voicemail) ends the call once heard, like ``end_call``,
   or at ``end_call_deadline_s`` if it never plays.
+- The upstream session's phase (connecting, live, resuming, recovering, ending) and its ready,
+  resume and recovery deadlines are the ``UpstreamLifecycle`` sub-machine
+  (``call/lifecycle.py``); the agent leg's retry pacing is ``call/upstream.py``.
 - Recovery (``recovery_s`` > 0): a resume refused with a resume-failed code opens a fresh
   session (phase RECOVERING) whose prompt carries the conversation; caller audio in the gap is
   dropped and counted; once ready, ``reply.create`` asks for the apology. If no agent audio went
@@ -58,6 +61,7 @@ from bridge.call.actions import (
     Transfer,
 )
 from bridge.call.budget import CallerAudioBudget
+from bridge.call.lifecycle import MAX_RECOVERIES, ConnectFailure, Expired, Phase, Ready, UpstreamLifecycle, Verdict
 from bridge.call.playback import GoodbyePhase, Playback, PlaybackState
 from bridge.call.policy import CallPolicy
 from bridge.call.toolgate import Release, ToolCallState, ToolGate, cap_result
@@ -65,10 +69,10 @@ from bridge.phone import media as tw
 from bridge.records.facts import AnsweredBy, DtmfPressed, SessionRecovered, ToolFinished, ToolStarted
 
 _MAX_LOGGED_INVALID = 5  # per call and side; the rest are only counted
-MAX_RECOVERIES = 3  # per call: a service that refuses every resume must not loop for the whole call
 
 
 __all__ = [
+    "MAX_RECOVERIES",
     "Action",
     "CallPolicy",
     "CallState",
@@ -102,15 +106,6 @@ _TRANSFER_RESULTS = {
 }
 
 
-class Phase(Enum):
-    AWAITING_START = "awaiting_start"
-    CONNECTING = "connecting"  # start seen, upstream not ready yet
-    LIVE = "live"
-    RECONNECTING = "reconnecting"
-    RECOVERING = "recovering"  # resume refused: a fresh session is opening
-    ENDING = "ending"
-
-
 class CallState:
     """All decisions of one call. See the module docstring for the invariants."""
 
@@ -125,30 +120,20 @@ class CallState:
         "_greeting_sent",
         "_history",
         "_last_phone_at",
-        "_ready_deadline",
-        "_ready_seen",
-        "_recovery_deadline",
-        "_recovery_frames",
         "_recovery_instructions",
-        "_resume_attempts",
-        "_resume_deadline",
         "call_sid",
         "conversation",
         "custom_parameters",
-        "drop_upstream",
         "end_reason",
         "expected_call_sid",
         "outcome",
-        "phase",
         "playback",
         "policy",
         "record",
-        "recovered",
-        "session_id",
         "stats",
         "stream_sid",
         "transferring",
-        "upstream_ended",
+        "upstream",
     )
 
     def __init__(self, policy: CallPolicy, *, expected_call_sid: str | None = None, record: bool = False) -> None:
@@ -156,20 +141,21 @@ class CallState:
         self.policy = policy
         self.record = record
         self.expected_call_sid = expected_call_sid
-        self.phase = Phase.AWAITING_START
         self.stream_sid = ""
         self.call_sid = ""
         self.custom_parameters: dict[str, str] = {}
-        self.session_id: str | None = None
         self.stats = CallStats()
         self.playback = Playback(self.stats, end_call_deadline_s=policy.end_call_deadline_s, record=record)
         self.outcome: Outcome | None = None
         self.end_reason = ""
         self.transferring = False
-        self.upstream_ended = False
-        self._ready_deadline: float | None = None
-        self._resume_deadline: float | None = None
-        self._resume_attempts = 0
+        # Connecting, ready, resuming, recovering: the upstream session's phase and deadlines.
+        self.upstream = UpstreamLifecycle(
+            self.stats,
+            ready_timeout_s=policy.ready_timeout_s,
+            resume_window_s=policy.resume_window_s,
+            recovery_s=policy.recovery_s,
+        )
         self._current_reply: str | None = None
         self._gate = ToolGate(policy.tool_hold_max_s)  # reference §7: when each tool result may go
         self._budget = CallerAudioBudget(policy.caller_burst_ms)  # caller audio at most ~real time
@@ -179,20 +165,42 @@ class CallState:
         self.conversation: cv.Conversation | None = None
         self._amd_gate = False  # caller audio held back: AMD has not found a person yet
         self._greeting_sent = True
-        self._ready_seen = False
         self._final_pending = False  # a last reply was asked for and has not started yet
         self._final_deadline: float | None = None  # ...and the call ends by then if it never plays
-        # Recovery (a refused resume -> a fresh session).
-        self.recovered = False
-        self.drop_upstream = False  # the session stops reading the refused socket (and retires it)
-        self._recovery_deadline: float | None = None
-        self._recovery_frames = 0
-        self._recovery_instructions = ""
+        self._recovery_instructions = ""  # the apology's reply.create, once a recovery is planned
         self._history = recovery.History(policy.recovery_context_chars) if policy.recovery_s > 0 else None
 
     @property
+    def phase(self) -> Phase:
+        return self.upstream.phase
+
+    @property
     def ending(self) -> bool:
-        return self.phase is Phase.ENDING
+        return self.upstream.phase is Phase.ENDING
+
+    @property
+    def session_id(self) -> str | None:
+        """The upstream session's id, from its last ``session.ready``."""
+        return self.upstream.session_id
+
+    @property
+    def recovered(self) -> bool:
+        """A fresh session replaced a refused resume during this call."""
+        return self.upstream.recovered
+
+    @property
+    def upstream_ended(self) -> bool:
+        """The upstream session is over (``session.ended``, or its socket is gone)."""
+        return self.upstream.upstream_ended
+
+    @property
+    def drop_upstream(self) -> bool:
+        """The resume was refused: the session stops reading that socket (and retires it)."""
+        return self.upstream.drop_upstream
+
+    @drop_upstream.setter
+    def drop_upstream(self, value: bool) -> None:
+        self.upstream.drop_upstream = value
 
     @property
     def epoch(self) -> int:
@@ -262,7 +270,7 @@ class CallState:
         self.stream_sid = self.playback.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self.custom_parameters = event.custom_parameters
-        self.phase = Phase.CONNECTING
+        self.upstream.start(now)
         self.stats.started_at = now
         self._budget.refill(now)
         p = self.policy
@@ -279,7 +287,6 @@ class CallState:
             voicemail_message=p.voicemail_message,
         )
         self._amd_gate = self.conversation.amd is not None
-        self._ready_deadline = now + self.policy.ready_timeout_s
         actions: list[Action] = [
             ConnectAgent(),
             Log(logging.INFO, f"stream {event.stream_sid} started ({event.encoding}, {event.sample_rate} Hz)"),
@@ -296,12 +303,13 @@ class CallState:
     def _on_media(self, event: tw.Media, now: float) -> list[Action]:
         stats = self.stats
         stats.frames_from_twilio += 1
-        if self.phase is not Phase.LIVE:
-            if self.phase is Phase.AWAITING_START:
+        phase = self.upstream.phase
+        if phase is not Phase.LIVE:
+            if phase is Phase.AWAITING_START:
                 return self._invalid_twilio("media before start")
-            if self.phase is Phase.ENDING:
+            if phase is Phase.ENDING:
                 return []  # the call is over: neither forwarded nor counted as a drop
-            if self.phase is Phase.RECONNECTING or self.phase is Phase.RECOVERING:
+            if phase is Phase.RECONNECTING or phase is Phase.RECOVERING:
                 stats.frames_dropped_gap += 1  # never burst upstream after the resume
             else:
                 stats.frames_dropped_pre_ready += 1
@@ -325,9 +333,9 @@ class CallState:
         """Decide what a Voice Agent event means for the call."""
         if type(event) is ag.ReplyAudio:
             return self.playback.on_audio(event, now)
-        if self.phase is Phase.ENDING:
+        if self.upstream.phase is Phase.ENDING:
             if isinstance(event, ag.SessionEnded):
-                self.upstream_ended = True
+                self.upstream.ended()
             return []
         handler = _AGENT_HANDLERS.get(type(event))
         if handler is None:
@@ -340,77 +348,45 @@ class CallState:
     def on_agent_closed(self, now: float, detail: str) -> list[Action]:
         """The upstream socket closed. Without ``session.ended`` first, that is a drop: resume the
         session while the window allows (the Twilio leg stays up), else end the call."""
-        if self.phase is Phase.ENDING:
-            self.upstream_ended = True
+        upstream = self.upstream
+        if upstream.phase is Phase.ENDING:
+            upstream.closed(now)
             return []
-        can_resume = (
-            self.session_id is not None
-            and self.policy.resume_window_s > 0
-            and (
-                self.phase is Phase.LIVE
-                or (
-                    self.phase is Phase.RECONNECTING
-                    and self._resume_deadline is not None
-                    and now < self._resume_deadline
-                )
-            )
-        )
-        if can_resume and self.session_id is not None:
-            if self.phase is Phase.LIVE:
-                self._resume_deadline = now + self.policy.resume_window_s
-                self._resume_attempts = 0
-            self.phase = Phase.RECONNECTING
+        resume = upstream.closed(now)
+        if resume is not None:
             self._current_reply = None
-            self._resume_attempts += 1
             return [
-                Log(logging.WARNING, f"Voice Agent connection lost ({detail}): resuming session {self.session_id}"),
-                ConnectAgent(resume_session_id=self.session_id, attempt=self._resume_attempts),
+                Log(logging.WARNING, f"Voice Agent connection lost ({detail}): resuming session {resume.session_id}"),
+                ConnectAgent(resume_session_id=resume.session_id, attempt=resume.attempt),
             ]
-        self.upstream_ended = True
         return self._end(f"Voice Agent connection lost ({detail})", Outcome.UPSTREAM_FAILED, upstream=False)
 
     def on_agent_connect_failed(self, now: float, detail: str) -> list[Action]:
-        if self.phase is Phase.ENDING:
+        if self.upstream.phase is Phase.ENDING:
             return []
-        if self.phase is Phase.RECONNECTING:
-            return self._end(
-                f"could not resume the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False
-            )
-        if self.phase is Phase.RECOVERING:
-            return self._end(
-                f"recovery failed: could not open a fresh Voice Agent session: {detail}",
-                Outcome.UPSTREAM_FAILED,
-                upstream=False,
-            )
-        self.upstream_ended = True
-        return self._end(f"could not open the Voice Agent session: {detail}", Outcome.UPSTREAM_FAILED, upstream=False)
+        failure = self.upstream.connect_failed()
+        if failure is ConnectFailure.RESUME:
+            reason = f"could not resume the Voice Agent session: {detail}"
+        elif failure is ConnectFailure.RECOVERY:
+            reason = f"recovery failed: could not open a fresh Voice Agent session: {detail}"
+        else:
+            reason = f"could not open the Voice Agent session: {detail}"
+        return self._end(reason, Outcome.UPSTREAM_FAILED, upstream=False)
 
     def _on_ready(self, event: ag.SessionReady, now: float) -> list[Action]:
-        resumed = self.phase is Phase.RECONNECTING
-        recovering = self.phase is Phase.RECOVERING
-        first = not self._ready_seen
-        self._ready_seen = True
-        self.phase = Phase.LIVE
-        self.session_id = event.session_id
-        self._ready_deadline = None
-        self._resume_deadline = None
-        if resumed:
-            self.stats.resumes += 1
+        ready = self.upstream.ready(event.session_id, now)
         self._budget.refill(now)
-        what = "resumed" if resumed else "ready (recovered: a fresh session)" if recovering else "ready"
+        what = _READY_WORDS[ready]
         actions: list[Action] = [Log(logging.INFO, f"agent session {event.session_id} {what}")]
         conv = self.conversation
-        if recovering:
+        if ready is Ready.RECOVERED:
             actions.extend(self._recovered(event, now))
-        elif first and conv is not None:
+        elif ready is Ready.FIRST and conv is not None:
             actions.extend(self._conv(conv.session_ready(now, greeting=self._greeting_sent), now))
         return actions
 
     def _recovered(self, event: ag.SessionReady, now: float) -> list[Action]:
         """The fresh session is up: forget the old session's turn state and ask for the apology."""
-        self.stats.recoveries += 1
-        self.recovered = True
-        self._recovery_frames = self.stats.frames_to_twilio  # heard once more agent audio went out
         self._gate.forget_pending()  # the fresh session never made those calls
         self._current_reply = None
         actions: list[Action] = []
@@ -430,30 +406,19 @@ class CallState:
             msg = f"VOICE {self.policy.voice!r} was rejected by the Voice Agent API: {event.message}"
         else:
             msg = f"Voice Agent error {event.code}: {event.message}"
-        if (
-            self.phase is Phase.RECONNECTING
-            and event.code in ag.RESUME_FAILED_CODES
-            and self.policy.recovery_s > 0
-            and self.stats.recoveries < MAX_RECOVERIES
-        ):
-            return [Log(logging.WARNING, msg), *self._recover(event, now)]
-        if event.fatal or self.phase in (Phase.CONNECTING, Phase.RECONNECTING, Phase.RECOVERING):
-            # Any error before ready was fatal live (the service closes with 1008).
+        verdict = self.upstream.error(event.code, event.fatal, now)
+        if verdict is Verdict.RECOVER:
+            # The resume was refused: a fresh session instead (same persona and tools, the
+            # conversation in its prompt). The refused socket is not read any more.
+            self._current_reply = None
+            return [
+                Log(logging.WARNING, msg),
+                Log(logging.WARNING, f"resume of session {self.session_id} refused: opening a fresh session"),
+                ConnectAgent(fresh=True),
+            ]
+        if verdict is Verdict.FATAL:
             return [Log(logging.ERROR, msg), *self._end(msg, Outcome.UPSTREAM_FAILED, upstream=False)]
         return [Log(logging.WARNING, msg + " (the call goes on)")]
-
-    def _recover(self, event: ag.SessionError, now: float) -> list[Action]:
-        """The resume was refused: open a fresh session instead (same persona and tools, the
-        conversation in its prompt). The refused socket is not read any more."""
-        self.phase = Phase.RECOVERING
-        self.drop_upstream = True
-        self._resume_deadline = None
-        self._recovery_deadline = now + self.policy.recovery_s
-        self._current_reply = None
-        return [
-            Log(logging.WARNING, f"resume of session {self.session_id} refused: opening a fresh session"),
-            ConnectAgent(fresh=True),
-        ]
 
     def session_config(self, config: ag.SessionConfig, record: Mapping[str, Any] | None = None) -> ag.SessionConfig:
         """The ``session.update`` to open the upstream with, from the persona's ``config``.
@@ -461,13 +426,11 @@ class CallState:
         AMD holding the greeting: without it (requested once a person is known). Recovering: the
         conversation so far in the prompt (from ``record``, the call record when one is kept,
         else the core's own history), no greeting."""
-        if self.phase is Phase.RECOVERING:
+        if self.upstream.phase is Phase.RECOVERING:
             entries = recovery.entries_from_record(record) if record else []
             if not entries and self._history is not None:
                 entries = self._history.entries()
-            plan = recovery.build_recovery(
-                config.system_prompt, entries, max_chars=self.policy.recovery_context_chars
-            )
+            plan = recovery.build_recovery(config.system_prompt, entries, max_chars=self.policy.recovery_context_chars)
             self._recovery_instructions = plan.instructions
             return replace(config, system_prompt=plan.system_prompt, greeting="")
         conv = self.conversation
@@ -491,7 +454,7 @@ class CallState:
         return actions
 
     def _on_ended(self, event: ag.SessionEnded, now: float) -> list[Action]:
-        self.upstream_ended = True
+        self.upstream.ended()
         return self._end("the Voice Agent ended the session", Outcome.UPSTREAM_FAILED, upstream=False)
 
     def _on_speech_started(self, event: ag.SpeechStarted, now: float) -> list[Action]:
@@ -663,28 +626,26 @@ class CallState:
     def connect_refused_for_now(self, event: ag.SessionError) -> bool:
         """A refusal before the first ``session.ready`` that another connect may pass
         (``at_capacity``, ``concurrency_exceeded``; reference §8): the leg retries with backoff."""
-        return self.phase in (Phase.CONNECTING, Phase.RECOVERING) and event.code in ag.RETRYABLE_CONNECT_CODES
+        return self.upstream.refused_for_now(event.code)
 
     def on_tick(self, now: float) -> list[Action]:
         """Deadlines: upstream ready, call length, goodbye mark, held tool results."""
         if self.phase is Phase.ENDING:
             return []
-        if self._ready_deadline is not None and now >= self._ready_deadline:
+        expired = self.upstream.expired(now)
+        if expired is Expired.READY:
             return self._end(f"no session.ready within {self.policy.ready_timeout_s:g} s", Outcome.UPSTREAM_FAILED)
-        if self._resume_deadline is not None and now >= self._resume_deadline:
+        if expired is Expired.RESUME:
             return self._end(
                 f"could not resume the Voice Agent session within {self.policy.resume_window_s:g} s",
                 Outcome.UPSTREAM_FAILED,
                 upstream=False,
             )
-        if self._recovery_deadline is not None:
-            if self.phase is Phase.LIVE and self.stats.frames_to_twilio > self._recovery_frames:
-                self._recovery_deadline = None  # the caller hears the agent again
-            elif now >= self._recovery_deadline:
-                return self._end(
-                    f"recovery failed: the caller did not hear the agent within {self.policy.recovery_s:g} s",
-                    Outcome.UPSTREAM_FAILED,
-                )
+        if expired is Expired.RECOVERY:
+            return self._end(
+                f"recovery failed: the caller did not hear the agent within {self.policy.recovery_s:g} s",
+                Outcome.UPSTREAM_FAILED,
+            )
         last = self._last_phone_at
         if last is not None and now - last >= self.policy.twilio_silence_s:
             return self._end(f"Twilio sent nothing for {self.policy.twilio_silence_s:g} s", Outcome.STUCK)
@@ -796,19 +757,25 @@ class CallState:
         return actions
 
     def _end(self, reason: str, outcome: Outcome, *, upstream: bool = True) -> list[Action]:
-        had_upstream = self.phase in (Phase.CONNECTING, Phase.LIVE, Phase.RECONNECTING, Phase.RECOVERING)
         if self.conversation is not None:
             self.conversation.keypad.cancel()
-        self.phase = Phase.ENDING
+        end_upstream = self.upstream.end(upstream=upstream)
         self.playback.stopped = True
         self.outcome = outcome
         self.end_reason = reason
-        end_upstream = upstream and had_upstream and not self.upstream_ended
         return [EndCall(reason, outcome, end_upstream)]
 
 
 def _sent(releases: list[Release]) -> list[Action]:
     return [SendAgent(ag.tool_result(r.tool_call_id, r.result, is_error=r.is_error)) for r in releases]
+
+
+_READY_WORDS = {
+    Ready.FIRST: "ready",
+    Ready.AGAIN: "ready",
+    Ready.RESUMED: "resumed",
+    Ready.RECOVERED: "ready (recovered: a fresh session)",
+}
 
 
 def _short(arguments: dict[str, Any]) -> str:
