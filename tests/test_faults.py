@@ -35,7 +35,9 @@ from tools.fake_twilio import CallPlan, CallResult, StreamClient, new_sid, parse
 # its retries take seconds: 3 s let the "at_capacity twice" retries, and a caller's stop during
 # the upstream connect, lose to this timeout. The cases that need it to fire give it room.
 READY_TIMEOUT_S = 6.0
-ENV = {"SESSION_READY_TIMEOUT_S": str(READY_TIMEOUT_S)}
+# The idle timers are off: these callers never speak, and the read-stall case's 25 s call
+# would race the 8 + 15 s idle goodbye (its outcome would be agent_ended, not the fault's).
+ENV = {"SESSION_READY_TIMEOUT_S": str(READY_TIMEOUT_S), "IDLE_REPROMPT_S": "0", "IDLE_HANGUP_S": "0"}
 SPEED = 5.0  # call seconds per wall second at the fake Twilio
 FALLBACK = ["Say", "Hangup"]  # the TwiML after </Connect>: what a caller hears when we give up
 RSS_SLACK = 12 * 2**20
