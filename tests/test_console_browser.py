@@ -101,7 +101,11 @@ class Browser:
                         return value
                     await trio.sleep(0.03)
         except trio.TooSlowError:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or script}") from None
+            # What the page showed instead, so a failure on a loaded CI machine says why.
+            url, shown = await self.js("return [location.href, (document.body || {}).innerText || '']")
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for {what or script}; at {url} the page shows: {shown[:600]!r}"
+            ) from None
 
     async def text(self, css: str) -> str:
         return str(await self.js("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''", css))
