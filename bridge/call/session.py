@@ -309,17 +309,8 @@ class CallSession:
         unsent, self._unsent_control = self._unsent_control, None
         if unsent is not None:
             await self._send_control(sock, unsent)
-        recv = self._agent_out_recv
-        while True:
-            try:
-                item = recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            if item.audio:
-                self._agent_audio_queued -= 1
-                self.state.stats.frames_dropped_gap += 1
-            else:
-                await self._send_control(sock, item)
+        while (item := self._next_queued_control()) is not None:
+            await self._send_control(sock, item)
 
     def _discard_queued(self) -> None:
         """A fresh session replaces a refused one: caller audio queued in the gap is dropped
@@ -327,17 +318,22 @@ class CallSession:
         if self._unsent_control is not None:
             log.info("dropped a message for the refused session: %.80s", self._unsent_control.text)
             self._unsent_control = None
+        while (item := self._next_queued_control()) is not None:
+            log.info("dropped a message for the refused session: %.80s", item.text)
+
+    def _next_queued_control(self) -> st.SendAgent | None:
+        """The next control message queued for the agent, dropping (and counting) the caller
+        audio queued before it; None once the queue is empty."""
         recv = self._agent_out_recv
         while True:
             try:
                 item = recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return
-            if item.audio:
-                self._agent_audio_queued -= 1
-                self.state.stats.frames_dropped_gap += 1
-            else:
-                log.info("dropped a message for the refused session: %.80s", item.text)
+                return None
+            if not item.audio:
+                return item
+            self._agent_audio_queued -= 1
+            self.state.stats.frames_dropped_gap += 1
 
     async def _send_control(self, sock: MessageSocket, item: st.SendAgent) -> None:
         try:
